@@ -1,0 +1,3 @@
+"""Neural-network layers and their functional form."""
+
+from . import functional as functional
