@@ -338,8 +338,9 @@ def instance_norm_apply(
         params, checked_stats, x, mask, momentum,
         layout=layout, channel=channel, training=bool(training), axis_name=axis_name,
     )
-    # Keep the caller's own leaves (and key order) where nothing changed.
-    return y, {k: new_stats.get(k, v) for k, v in stats_in.items()}
+    if not (training and checked_stats):
+        return y, dict(stats_in)  # unchanged: the caller's own leaves
+    return y, {k: new_stats[k] for k in stats_in}
 
 
 @partial(jax.jit, static_argnames=("layout", "channel", "training", "axis_name"))

@@ -1,0 +1,152 @@
+"""The hand-derived derivative rules: against jax.grad/jax.jvp of a plain jnp
+reference, against PyTorch (test_functional.py), and with check_grads in float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ref_instance_norm
+from jax.test_util import check_grads
+
+import lucid.nn.functional as F
+
+MODES = ["train", "eval", "masked"]
+
+
+def _problem(rng, mode, shape=(2, 3, 4, 5), dtype=np.float32):
+    c = shape[1]
+    x = (rng.normal(size=shape) * 2 + 1).astype(dtype)
+    params = {"weight": rng.normal(size=c).astype(dtype), "bias": rng.normal(size=c).astype(dtype)}
+    stats = {"running_mean": rng.normal(size=c).astype(dtype), "running_var": rng.uniform(0.5, 2, size=c).astype(dtype)}
+    mask = None
+    if mode == "masked":
+        mask = rng.uniform(size=(shape[0], 1) + shape[2:]) < 0.7
+        mask[..., 0] = True
+        mask = jnp.asarray(mask)
+    return jax.tree.map(jnp.asarray, (x, params, stats)) + (mask,)
+
+
+def _lucid(mode, mask):
+    training = mode != "eval"
+
+    def f(x, params, stats):
+        y, new = F.instance_norm_apply(params, stats, x, training=training, mask=mask)
+        return y, new
+
+    return f
+
+
+def _reference(mode, mask):
+    training = mode != "eval"
+
+    def f(x, params, stats):
+        y, mean, var, count = ref_instance_norm(
+            x, params["weight"], params["bias"], stats["running_mean"], stats["running_var"],
+            training=training, mask=mask)
+        if not training:
+            return y, stats
+        unbiased = var * count / jnp.maximum(count - 1, 1)
+        new = {"running_mean": 0.9 * stats["running_mean"] + 0.1 * mean.mean(axis=(0, 2, 3)),
+               "running_var": 0.9 * stats["running_var"] + 0.1 * unbiased.mean(axis=(0, 2, 3))}
+        return y, new
+
+    return f
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vjp_matches_autodiff_of_the_reference(rng, mode):
+    """Reverse mode, including cotangents flowing into the updated running statistics."""
+    x, params, stats, mask = _problem(rng, mode)
+    ct = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), _reference(mode, mask)(x, params, stats))
+    out, pullback = jax.vjp(_lucid(mode, mask), x, params, stats)
+    ref_out, ref_pullback = jax.vjp(_reference(mode, mask), x, params, stats)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref_out)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(pullback(ct)), jax.tree.leaves(ref_pullback(ct))):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_jvp_matches_autodiff_of_the_reference(rng, mode):
+    x, params, stats, mask = _problem(rng, mode)
+    tangents = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), (x, params, stats))
+    out, dout = jax.jvp(_lucid(mode, mask), (x, params, stats), tangents)
+    ref_out, ref_dout = jax.jvp(_reference(mode, mask), (x, params, stats), tangents)
+    for a, b in zip(jax.tree.leaves((out, dout)), jax.tree.leaves((ref_out, ref_dout))):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_check_grads_float64_second_order(rng, mode):
+    with jax.enable_x64(True):
+        x, params, stats, mask = _problem(rng, mode, shape=(2, 2, 3, 4), dtype=np.float64)
+        f = lambda x, w, b, rm, rv: _lucid(mode, mask)(  # noqa: E731
+            x, {"weight": w, "bias": b}, {"running_mean": rm, "running_var": rv})
+        args = (x, params["weight"], params["bias"], stats["running_mean"], stats["running_var"])
+        check_grads(f, args, order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+
+
+def test_higher_order_transformations_match_the_reference(rng):
+    x, params, _, _ = _problem(rng, "train", shape=(2, 2, 3, 3))
+    g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def loss(fn):
+        return lambda x: jnp.sum(jnp.tanh(fn(x)) * g)
+
+    ours = loss(lambda x: F.instance_norm_apply(params, {}, x)[0])
+    ref = loss(lambda x: ref_instance_norm(x, params["weight"], params["bias"])[0])
+    for transform in (jax.hessian, lambda f: jax.grad(lambda x: jnp.sum(jax.grad(f)(x) ** 2)),
+                      lambda f: jax.jacfwd(jax.grad(f))):
+        np.testing.assert_allclose(transform(ours)(x), transform(ref)(x), atol=2e-4, rtol=1e-3)
+    jac = jax.jacfwd(lambda x: F.instance_norm_apply(params, {}, x)[0])(x)
+    jac_ref = jax.jacrev(lambda x: ref_instance_norm(x, params["weight"], params["bias"])[0])(x)
+    np.testing.assert_allclose(jac, jac_ref, atol=2e-5)
+
+
+def test_vmap_checkpoint_and_jit_agree_with_the_reference(rng):
+    x, params, stats, _ = _problem(rng, "train", shape=(3, 2, 2, 4, 5))  # a leading vmapped axis
+
+    def loss(x, params):
+        y, new = F.instance_norm_apply(params, stats, x)
+        return jnp.sum(y ** 2 * jnp.arange(y.size).reshape(y.shape) % 3) + new["running_var"].sum()
+
+    def ref_loss(x, params):
+        y, _, var, count = ref_instance_norm(x, params["weight"], params["bias"])
+        unbiased = (var * count / (count - 1)).mean(axis=(0, 2, 3))
+        return jnp.sum(y ** 2 * jnp.arange(y.size).reshape(y.shape) % 3) + jnp.sum(0.9 * stats["running_var"] + 0.1 * unbiased)
+
+    expected = jax.vmap(jax.grad(ref_loss, argnums=(0, 1)), in_axes=(0, None))(x, params)
+    for wrap in (lambda f: f, jax.checkpoint, jax.jit):
+        got = jax.vmap(jax.grad(wrap(loss), argnums=(0, 1)), in_axes=(0, None))(x, params)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reverse_mode_keeps_only_small_residuals(rng, mode):
+    """Besides the inputs, the pullback holds O(N*C) statistics, never a second x-sized array."""
+    x, params, stats, mask = _problem(rng, mode, shape=(4, 3, 16, 16))
+    _, pullback = jax.vjp(lambda x, p: _lucid(mode, mask)(x, p, stats)[0], x, params)
+    inputs = {id(a) for a in jax.tree.leaves((x, params, stats, mask))}
+    leaves = [leaf for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "shape")]
+    extra = [leaf for leaf in leaves if id(leaf) not in inputs]
+    big = [leaf.shape for leaf in extra if leaf.size > x.shape[0] * x.shape[1]]
+    assert big == [], f"input-sized residuals: {big}"
+    assert any(leaf is x for leaf in leaves)  # x itself is reused, not copied
+
+
+def test_gradient_of_summed_output_is_zero(rng):
+    """d/dx sum(instance_norm(x)) = 0 whatever x (with weight 1, bias 0)."""
+    x = jnp.asarray(rng.normal(size=(2, 3, 7, 5)) * 10, jnp.float32)
+    g = jax.grad(lambda x: F.instance_norm(x).sum())(x)
+    np.testing.assert_allclose(g, 0.0, atol=1e-5)
+
+
+def test_bfloat16_gradients_are_float32_accurate_then_rounded(rng):
+    x = jnp.asarray(rng.normal(size=(2, 3, 8, 8)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=x.shape), jnp.bfloat16)
+    dx = jax.grad(lambda x: jnp.sum((F.instance_norm(x) * g).astype(jnp.float32)))(x)
+    assert dx.dtype == jnp.bfloat16
+    x32 = x.astype(jnp.float32)
+    ref = jax.grad(lambda x: jnp.sum(ref_instance_norm(x)[0].astype(jnp.bfloat16).astype(jnp.float32) * g.astype(jnp.float32)))(x32)
+    np.testing.assert_allclose(dx.astype(jnp.float32), ref, atol=3e-2, rtol=2e-2)
