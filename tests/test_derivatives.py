@@ -150,3 +150,30 @@ def test_bfloat16_gradients_are_float32_accurate_then_rounded(rng):
     x32 = x.astype(jnp.float32)
     ref = jax.grad(lambda x: jnp.sum(ref_instance_norm(x)[0].astype(jnp.bfloat16).astype(jnp.float32) * g.astype(jnp.float32)))(x32)
     np.testing.assert_allclose(dx.astype(jnp.float32), ref, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradients_stay_accurate_far_from_zero(rng, training):
+    """Regression: the backward must centre on the mean without cancellation (mean/std = 1e4)."""
+    shape = (2, 3, 32, 32)
+    x = (rng.normal(size=shape) + 1e4).astype(np.float32)
+    w = rng.normal(size=3).astype(np.float32)
+    b = rng.normal(size=3).astype(np.float32)
+    rm = (1e4 + rng.normal(size=3)).astype(np.float32)
+    rv = rng.uniform(0.5, 2, size=3).astype(np.float32)
+    g = rng.normal(size=shape).astype(np.float32)
+    stats = {"running_mean": rm, "running_var": rv}
+
+    def ours(x, w, b):
+        return jnp.sum(F.instance_norm_apply({"weight": w, "bias": b}, stats, x, training=training)[0] * g)
+
+    def ref(x, w, b):
+        return jnp.sum(ref_instance_norm(x, w, b, jnp.asarray(rm, x.dtype), jnp.asarray(rv, x.dtype),
+                                         training=training)[0] * g)
+
+    got = jax.grad(ours, argnums=(0, 1, 2))(x, w, b)
+    with jax.enable_x64(True):
+        expected = jax.grad(ref, argnums=(0, 1, 2))(*(np.asarray(a, np.float64) for a in (x, w, b)))
+        expected = [np.asarray(e) for e in expected]
+    for a, e in zip(got, expected):
+        np.testing.assert_allclose(a, e, atol=1e-4 * np.abs(e).max(), rtol=0)

@@ -78,6 +78,21 @@ def _spatial_sum(v: jax.Array, layout: Layout) -> jax.Array:
     return s
 
 
+def _spatial_sums(values: tuple[jax.Array, ...], layout: Layout) -> tuple[jax.Array, ...]:
+    """Several spatial sums from one sweep over memory.
+
+    One variadic reduce, so XLA reads the operands' producer (``x``) once
+    instead of once per sum. Only the primal uses it: a variadic reduce has no
+    transpose rule, so the linear tangent maps use :func:`_spatial_sum`.
+    """
+    zeros = tuple(jnp.zeros((), v.dtype) for v in values)
+    sums = lax.reduce(values, zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), layout.reduce_axes)
+    sums = tuple(jnp.expand_dims(s, layout.reduce_axes) for s in sums)
+    if layout.spatial_axis_name is not None:
+        sums = lax.psum(sums, layout.spatial_axis_name)
+    return sums
+
+
 def _local_spatial_size(shape: tuple[int, ...], layout: Layout) -> int:
     return math.prod(shape[a] for a in layout.reduce_axes)
 
@@ -132,8 +147,9 @@ def instance_stats(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Inst
     d = xc - k
     if mask is not None:
         d = jnp.where(mask, d, 0)
-    md = _spatial_sum(d, layout) / count
-    var = jnp.maximum(_spatial_sum(d * d, layout) / count - md * md, 0)
+    s1, s2 = _spatial_sums((d, d * d), layout)
+    md = s1 / count
+    var = jnp.maximum(s2 / count - md * md, 0)
     return InstanceStats(k, md, var, count)
 
 
@@ -184,7 +200,7 @@ def normalize_with_instance_stats(x, weight, bias, mask, layout: Layout):
     return y, stats.shift + stats.mean_shifted, stats.var, stats.count
 
 
-def _instance_tangent(layout, x, shift, mean_shifted, rstd, count, weight, mask, dx, dweight, dbias):
+def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx, dweight, dbias):
     """The linear tangent map of :func:`normalize_with_instance_stats`.
 
     Per instance, with ``dm = mean(dx)`` and ``ds = mean(xhat * dx)`` over the
@@ -193,13 +209,21 @@ def _instance_tangent(layout, x, shift, mean_shifted, rstd, count, weight, mask,
         dy    = dx * (w r) + xhat * (dw - w r ds) + (db - w r dm)
         dmean = dm
         dvar  = 2 ds / r          since  x - mu = xhat / r
+
+    It is written on ``d = x - center`` (exact) instead of
+    ``xhat = (d - e) r``, with ``e = mean - center`` the tiny rounding
+    residual: ``ds = r (mean(d dx) - e dm)`` and ``xhat * B = d * (r B) - e r B``.
+    Then every input-sized term is ``dx`` or
+    ``d`` times a per-instance coefficient, and the transposed program (the
+    backward pass) needs exactly two per-instance sums, ``sum(g)`` and
+    ``sum(g * d)``, with nothing input-sized to materialize in between.
     """
     cdt = rstd.dtype
-    xhat = _centered(x, shift, mean_shifted) * rstd
+    d = x.astype(cdt) - center
     dxc = dx.astype(cdt)
     dxm = dxc if mask is None else jnp.where(mask, dxc, 0)
     dm = _spatial_sum(dxm, layout) / count
-    ds = _spatial_sum(xhat * dxm, layout) / count
+    ds = rstd * (_spatial_sum(d * dxm, layout) / count - residual * dm)
     a = rstd if weight is None else rstd * weight
     b = -a * ds
     c = -a * dm
@@ -207,7 +231,8 @@ def _instance_tangent(layout, x, shift, mean_shifted, rstd, count, weight, mask,
         b = b + dweight
     if dbias is not None:
         c = c + dbias
-    dy = (dxc * a + xhat * b + c).astype(x.dtype)
+    rb = rstd * b
+    dy = (dxc * a + d * rb + (c - residual * rb)).astype(x.dtype)
     return dy, dm, 2 * ds / rstd
 
 
@@ -218,11 +243,19 @@ def _normalize_with_instance_stats_jvp(layout, primals, tangents):
     stats = instance_stats(x, mask, layout)
     rstd = lax.rsqrt(stats.var + layout.eps)
     y = _normalize(x, stats.shift, stats.mean_shifted, rstd, weight, bias)
-    primal_out = (y, stats.shift + stats.mean_shifted, stats.var, stats.count)
-    # The tangent map recomputes xhat instead of saving it (see the module docstring).
-    tangent = jax.checkpoint(partial(_instance_tangent, layout), prevent_cse=False)
+    mean = stats.shift + stats.mean_shifted
+    primal_out = (y, mean, stats.var, stats.count)
+    # The tangent map centres on the rounded mean, a computed (N, C) array rather
+    # than a slice of x, so XLA fuses the recomputation of x - mean into the
+    # backward reductions instead of materializing it. x - mean is still exact
+    # (both are floats of one magnitude); the rounding of the mean is carried
+    # by the small residual, keeping xhat = ((x - mean) - residual) * r exact.
+    residual = stats.mean_shifted - (mean - stats.shift)
+    # The tangent map recomputes xhat instead of saving it (see the module docstring);
+    # prevent_cse keeps XLA from sharing x - mean with the forward pass.
+    tangent = jax.checkpoint(partial(_instance_tangent, layout), prevent_cse=True)
     dy, dmean, dvar = tangent(
-        x, stats.shift, stats.mean_shifted, rstd, stats.count, weight, mask, dx,
+        x, mean, residual, rstd, stats.count, weight, mask, dx,
         None if weight is None else dweight, None if bias is None else dbias,
     )
     return primal_out, (dy, dmean, dvar, jnp.zeros_like(stats.count))
