@@ -169,6 +169,18 @@ def _axis_size(axis_name: Hashable | tuple | None) -> int:
     return math.prod(jax.lax.axis_size(n) for n in names)
 
 
+def _check_axis_name(axis_name: Any, what: str) -> None:
+    """A named axis must be bound by an enclosing ``shard_map``/``pmap``."""
+    try:
+        _axis_size(axis_name)
+    except NameError as e:
+        raise ValueError(
+            f"{what}={axis_name!r} is not a mapped axis here. Pass the name(s) of mesh axes only "
+            f"inside jax.shard_map (or jax.pmap) over those axes; under plain jax.jit with sharded "
+            f"inputs, leave {what}=None: the compiler reduces across devices by itself."
+        ) from e
+
+
 def _check_spatial_size(shape: tuple[int, ...], spatial_axes: tuple[int, ...], spatial_axis_name) -> None:
     size = math.prod(shape[a] for a in spatial_axes) * _axis_size(spatial_axis_name)
     if size < 2:
@@ -329,6 +341,8 @@ def instance_norm_apply(
         )
     eps = _check_eps(eps)
     mask = _check_mask(mask, tuple(x.shape))
+    _check_axis_name(axis_name, "axis_name")
+    _check_axis_name(spatial_axis_name, "spatial_axis_name")
     spatial = tuple(a for a in range(x.ndim) if a not in (0, channel))
     use_instance_stats = bool(training) or not checked_stats
     if use_instance_stats:
@@ -384,28 +398,51 @@ def instance_norm(
     ``(n, c)`` over its spatial axes when ``training`` (or when no running
     statistics are given), else ``running_mean`` and ``running_var``.
 
-    JAX arrays are immutable, so this returns the output only; use
-    :func:`instance_norm_apply` to get the updated running statistics.
+    With JAX or NumPy arrays this is pure and returns the output only (arrays
+    are immutable); use :func:`instance_norm_apply` to get the updated running
+    statistics. If any argument is a :class:`lucid.Tensor`, the output is a
+    Tensor recorded on the autograd tape, and in training ``running_mean`` and
+    ``running_var`` given as Tensors are updated in place, as in PyTorch.
 
     Args:
         input_: shape ``(N, C, *spatial)``, at least one spatial axis.
         running_mean, running_var: shape ``(C,)``, both or neither.
         weight, bias: shape ``(C,)`` or ``None``.
-        training: use instance statistics.
+        training: use instance statistics (and update the running statistics).
         momentum: update factor of the running statistics.
         eps: added to the variance for numerical stability.
 
     Returns:
-        The normalized array, with the shape and dtype of ``input_``.
+        The normalized values, with the shape and dtype of ``input_``: a
+        ``jax.Array``, or a ``Tensor`` when any argument is a Tensor.
 
     Raises:
         TypeError, ValueError: as :func:`instance_norm_apply`; also when only
-        one of ``running_mean``/``running_var`` is given.
+            one of ``running_mean``/``running_var`` is given, or (in training)
+            only one of them is a Tensor. A failed call changes nothing.
 
     Example:
+        The reference example: Tensors in, a Tensor out, running statistics
+        updated in place (``0.1 * mean`` and ``0.9 + 0.1 * unbiased variance``):
+
+        >>> import lucid.nn.functional as F
+        >>> from lucid import Tensor
+        >>> input_ = Tensor([[[1.0, 2.0], [3.0, 4.0]]])  # Shape: (1, 2, 2)
+        >>> running_mean = Tensor([0.0, 0.0])  # Shape: (2,)
+        >>> running_var = Tensor([1.0, 1.0])  # Shape: (2,)
+        >>> weight = Tensor([1.0, 1.0])  # Shape: (2,)
+        >>> bias = Tensor([0.0, 0.0])  # Shape: (2,)
+        >>> out = F.instance_norm(input_, running_mean, running_var, weight, bias, training=True)
+        >>> print(out)
+        Tensor([[[-1.,  1.],
+                 [-1.,  1.]]], grad=None)
+        >>> print(running_mean, running_var)
+        Tensor([0.15, 0.35], grad=None) Tensor([0.95, 0.95], grad=None)
+
+        The same with JAX arrays, which stay unchanged:
+
         >>> import jax.numpy as jnp
         >>> import numpy as np
-        >>> import lucid.nn.functional as F
         >>> x = jnp.array([[[1.0, 2.0], [3.0, 4.0]]])  # (1, 2, 2)
         >>> out = F.instance_norm(x, jnp.zeros(2), jnp.ones(2), jnp.ones(2), jnp.zeros(2), training=True)
         >>> print(np.asarray(out, np.float64).round(4))
@@ -421,5 +458,23 @@ def instance_norm(
         )
     params = {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}
     stats = {} if running_mean is None else {"running_mean": running_mean, "running_var": running_var}
-    y, _ = instance_norm_apply(params, stats, input_, training=training, momentum=momentum, eps=eps)
+    # The Tensor facade sits above this module (it calls into it), so it is imported here, not at the top.
+    from .._tensor import Tensor, apply_jax, assign_in_place
+
+    if not any(isinstance(v, Tensor) for v in (input_, running_mean, running_var, weight, bias)):
+        y, _ = instance_norm_apply(params, stats, input_, training=training, momentum=momentum, eps=eps)
+        return y
+    in_place = training and isinstance(running_mean, Tensor)
+    if training and isinstance(running_mean, Tensor) != isinstance(running_var, Tensor):
+        raise TypeError(
+            "running_mean and running_var must both be Tensors (updated in place) or both arrays "
+            f"(left unchanged), got {type(running_mean).__name__} and {type(running_var).__name__}."
+        )
+
+    def run(params: dict, stats: dict, x: Any) -> tuple[jax.Array, dict]:
+        return instance_norm_apply(params, stats, x, training=training, momentum=momentum, eps=eps)
+
+    y, new_stats = apply_jax(run, params, stats, input_, has_aux=True)
+    if in_place:
+        assign_in_place(stats, new_stats, what="running_mean/running_var")
     return y

@@ -1,0 +1,562 @@
+"""The eager ``Tensor`` facade and its small autograd tape.
+
+A :class:`Tensor` wraps an immutable ``jax.Array`` and, when it requires a
+gradient, remembers how it was made. Every operation goes through one
+mechanism, :func:`apply_jax`: it runs a pure JAX function on the arrays inside
+the Tensors and, when a gradient is needed, runs it under ``jax.vjp`` and keeps
+the pullback on the output. :meth:`Tensor.backward` walks the recorded graph in
+reverse topological order and calls each pullback, so every gradient is JAX's
+own (instance normalization's is the hand-derived rule in
+``lucid.nn._instance_norm``); the tape only routes cotangents.
+
+JAX transformations (``jax.jit``, ``jax.grad``, ``jax.vmap``) trace with
+placeholder values ("tracers"). A Tensor may hold one while a traced function
+runs, but state that outlives the trace (a leaf's ``.grad``, a module's running
+statistics) must never be set to one: :func:`assign_in_place` and
+:meth:`Tensor.backward` refuse, and point to the pure bridge
+(``Module.pytrees``/``Module.apply``) instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import numbers
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+__all__ = ["Tensor", "no_grad", "apply_jax", "assign_in_place", "is_traced", "external_to_numpy"]
+
+_grad_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("lucid_grad_enabled", default=True)
+# Set only while Module.apply runs: state then holds tracers on purpose, and
+# Module.apply restores the concrete values before it returns.
+_traced_state_ok: contextvars.ContextVar[bool] = contextvars.ContextVar("lucid_traced_state_ok", default=False)
+
+_BRIDGE_HINT = (
+    "Inside jax.jit/jax.grad/jax.vmap use the pure bridge instead: "
+    "params, stats = module.pytrees(); out, new_stats = module.apply(params, stats, x, training=True); "
+    "then module.load_pytrees(params, new_stats) outside the transformation."
+)
+
+
+def is_traced(value: Any) -> bool:
+    """Whether ``value`` is a JAX tracer (a placeholder inside a JAX transformation).
+
+    Args:
+        value: anything.
+
+    Returns:
+        ``True`` for a ``jax.core.Tracer``, else ``False``.
+    """
+    return isinstance(value, jax.core.Tracer)
+
+
+class no_grad(contextlib.ContextDecorator):
+    """Context manager and decorator that turns off recording on the tape.
+
+    Inside it, operations on Tensors compute values only: outputs do not
+    require a gradient and no pullback is kept.
+
+    Example:
+        >>> from lucid import Tensor, no_grad
+        >>> x = Tensor([1.0, 2.0], requires_grad=True)
+        >>> with no_grad():
+        ...     y = x * 2
+        >>> y.requires_grad
+        False
+    """
+
+    def __init__(self) -> None:
+        # A stack, so one instance can be re-entered (a decorated function that recurses).
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self) -> no_grad:
+        self._tokens.append(_grad_enabled.set(False))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _grad_enabled.reset(self._tokens.pop())
+
+
+@contextlib.contextmanager
+def _allow_traced_state() -> Iterator[None]:
+    token = _traced_state_ok.set(True)
+    try:
+        yield
+    finally:
+        _traced_state_ok.reset(token)
+
+
+class _Node:
+    """How a non-leaf Tensor was made: the pullback of its op and the Tensors it
+    was differentiated with respect to (one per pullback output)."""
+
+    __slots__ = ("pullback", "parents")
+
+    def __init__(self, pullback: Callable, parents: tuple[Tensor, ...]) -> None:
+        self.pullback = pullback
+        self.parents = parents
+
+
+def _to_jax(data: Any, dtype: Any = None) -> jax.Array:
+    if isinstance(data, Tensor):
+        data = data._data
+    if isinstance(data, jax.Array):  # tracers included
+        return data if dtype is None else data.astype(dtype)
+    if hasattr(data, "detach") and hasattr(data, "numpy"):  # a torch.Tensor, without importing torch
+        data = external_to_numpy(data)
+    array = np.asarray(data) if dtype is None else np.asarray(data, dtype=dtype)
+    if array.dtype == object:
+        raise TypeError(f"cannot make a Tensor from {type(data).__name__}: it does not convert to a numeric array.")
+    if dtype is None and array.dtype == np.float64 and not isinstance(data, (np.ndarray, np.generic)):
+        # Python floats and nested lists default to float32, as in PyTorch.
+        array = array.astype(np.float32)
+    return jnp.asarray(array)
+
+
+def external_to_numpy(value: Any) -> np.ndarray:
+    """A NumPy copy of a foreign array (a ``torch.Tensor``), found by duck typing.
+
+    NumPy has no bfloat16 of its own, so a torch bfloat16 tensor goes through
+    float32 (exact) and comes back as JAX's ``bfloat16``.
+
+    Args:
+        value: an object with ``detach()`` and ``numpy()`` (a ``torch.Tensor``).
+
+    Returns:
+        A NumPy array with the same values and dtype.
+    """
+    value = value.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":
+        return value.float().numpy().astype(jnp.bfloat16)
+    return value.numpy().copy()
+
+
+class Tensor:
+    """An array with an optional gradient, recorded on a small autograd tape.
+
+    Args:
+        data: a ``jax.Array``, a NumPy array, a nested list or a number (or a
+            ``Tensor``, whose data is taken without its history). Python floats
+            become float32.
+        requires_grad: record operations on this Tensor so that
+            :meth:`backward` fills its ``.grad``.
+        dtype: convert ``data`` to this dtype first.
+
+    Raises:
+        TypeError: ``data`` is not numeric, or ``requires_grad`` is asked of a
+            non-floating-point Tensor.
+
+    Attributes:
+        grad: the accumulated gradient (a ``jax.Array``) of a leaf that
+            requires one, or ``None``.
+
+    Mixing with JAX: ``jnp.asarray(t)`` and ``np.asarray(t)`` give the data.
+    ``t + array`` is recorded; ``jax_array + t`` is not (JAX converts ``t``
+    first and returns a plain ``jax.Array``), so keep the Tensor on the left or
+    wrap the array in a Tensor.
+
+    Example:
+        >>> from lucid import Tensor
+        >>> x = Tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+        >>> y = (x * x).sum()
+        >>> y
+        Tensor(30., grad=None)
+        >>> y.backward()
+        >>> x.grad
+        Array([[2., 4.],
+               [6., 8.]], dtype=float32)
+    """
+
+    __slots__ = ("_data", "_requires_grad", "_node", "grad", "__weakref__")
+    # NumPy defers binary operators to Tensor (ndarray + Tensor -> Tensor.__radd__).
+    __array_ufunc__ = None
+
+    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None) -> None:
+        self._data = _to_jax(data, dtype)
+        self._node: _Node | None = None
+        self.grad: jax.Array | None = None
+        self._requires_grad = False
+        self.requires_grad = requires_grad
+
+    @classmethod
+    def _from_op(cls, data: jax.Array, node: _Node | None) -> Tensor:
+        out = cls.__new__(Tensor)
+        out._data = data
+        out._node = node
+        out.grad = None
+        out._requires_grad = node is not None
+        return out
+
+    # ------------------------------------------------------------ attributes
+
+    @property
+    def data(self) -> jax.Array:
+        """The wrapped ``jax.Array``; assigning replaces it in place (no history)."""
+        return self._data
+
+    @data.setter
+    def data(self, value: ArrayLike) -> None:
+        self._data = _to_jax(value)
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether operations on this Tensor are recorded for :meth:`backward`."""
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"requires_grad must be a bool, got {type(value).__name__}.")
+        if self._node is not None:
+            raise ValueError("requires_grad can only be changed on a leaf Tensor; use .detach() for a new leaf.")
+        if value and not jnp.issubdtype(self._data.dtype, jnp.inexact):
+            raise TypeError(f"only floating-point Tensors can require gradients, got dtype {self._data.dtype}.")
+        self._requires_grad = bool(value)
+
+    @property
+    def is_leaf(self) -> bool:
+        """``True`` unless this Tensor is the recorded output of an operation."""
+        return self._node is None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the data."""
+        return tuple(self._data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the data."""
+        return self._data.dtype
+
+    @property
+    def ndim(self) -> int:
+        """The number of dimensions."""
+        return self._data.ndim
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d Tensor.")
+        return self.shape[0]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def numpy(self) -> np.ndarray:
+        """A NumPy copy of the data (never recorded).
+
+        Returns:
+            A writable ``np.ndarray``.
+        """
+        return np.array(self._data)
+
+    def item(self) -> Any:
+        """The value of a one-element Tensor as a Python number.
+
+        Returns:
+            A Python ``float``, ``int`` or ``bool``.
+
+        Raises:
+            ValueError: the Tensor has more than one element.
+        """
+        if self._data.size != 1:
+            raise ValueError(f"item() needs a Tensor with one element, got shape {self.shape}.")
+        return self._data.item()
+
+    def detach(self) -> Tensor:
+        """A new leaf sharing the data, without history and not requiring a gradient.
+
+        Returns:
+            A Tensor.
+        """
+        return Tensor._from_op(self._data, None)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        array = np.asarray(self._data, dtype=dtype)
+        return array.copy() if copy else array
+
+    def __jax_array__(self) -> jax.Array:
+        return self._data
+
+    def __bool__(self) -> bool:
+        return bool(self._data)
+
+    def __float__(self) -> float:
+        return float(self._data)
+
+    def __int__(self) -> int:
+        return int(self._data)
+
+    def __repr__(self) -> str:
+        return _format(self, "Tensor(")
+
+    # ------------------------------------------------------------ autograd
+
+    def backward(self, gradient: ArrayLike | None = None) -> None:
+        """Accumulate the gradient of this Tensor into the ``.grad`` of every leaf it depends on.
+
+        A non-scalar Tensor is seeded with ones when no ``gradient`` is given,
+        i.e. this computes the gradient of ``self.sum()``. The graph is kept, so
+        ``backward`` may be called again; leaves accumulate.
+
+        Args:
+            gradient: the cotangent of this Tensor, of its shape; ones if ``None``.
+
+        Raises:
+            RuntimeError: this Tensor does not require a gradient.
+            ValueError: ``gradient`` has the wrong shape.
+            TypeError: the gradient of a Tensor that lives outside a JAX
+                transformation would be a tracer (``backward`` inside
+                ``jax.jit``); nothing is changed.
+        """
+        if not self._requires_grad:
+            raise RuntimeError(
+                "backward() needs a Tensor that requires grad: create the inputs with "
+                "requires_grad=True (and not inside lucid.no_grad())."
+            )
+        if gradient is None:
+            seed = jnp.ones_like(self._data)
+        else:
+            seed = _to_jax(gradient)
+            if tuple(seed.shape) != self.shape:
+                raise ValueError(f"gradient must have the shape {self.shape} of the Tensor, got {tuple(seed.shape)}.")
+            seed = seed.astype(self.dtype)
+        cotangents: dict[int, jax.Array] = {id(self): seed}
+        leaf_grads: list[tuple[Tensor, jax.Array]] = []
+        for tensor in reversed(_topological_order(self)):
+            g = cotangents.pop(id(tensor), None)
+            if g is None:
+                continue
+            if tensor._node is None:
+                leaf_grads.append((tensor, g))
+                continue
+            for parent, pg in zip(tensor._node.parents, tensor._node.pullback(g)):
+                cotangents[id(parent)] = pg if id(parent) not in cotangents else cotangents[id(parent)] + pg
+        if not _traced_state_ok.get():
+            for leaf, g in leaf_grads:
+                if is_traced(g) and not is_traced(leaf._data):
+                    raise TypeError(
+                        "backward() inside a JAX transformation would store a traced gradient in the "
+                        ".grad of a Tensor that lives outside it (a leaked tracer). Use jax.grad on a "
+                        "pure function instead. " + _BRIDGE_HINT
+                    )
+        for leaf, g in leaf_grads:
+            leaf.grad = g if leaf.grad is None else leaf.grad + g
+
+    # ------------------------------------------------------------ operators
+
+    def __add__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.add, self, other)
+
+    def __radd__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.add, other, self)
+
+    def __sub__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.subtract, self, other)
+
+    def __rsub__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.subtract, other, self)
+
+    def __mul__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.multiply, self, other)
+
+    def __rmul__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.multiply, other, self)
+
+    def __truediv__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.true_divide, self, other)
+
+    def __rtruediv__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.true_divide, other, self)
+
+    def __pow__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.power, self, other)
+
+    def __rpow__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.power, other, self)
+
+    def __matmul__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.matmul, self, other)
+
+    def __rmatmul__(self, other: Any) -> Tensor:
+        return apply_jax(jnp.matmul, other, self)
+
+    def __neg__(self) -> Tensor:
+        return apply_jax(jnp.negative, self)
+
+    def __getitem__(self, index: Any) -> Tensor:
+        index = jax.tree.map(lambda i: i._data if isinstance(i, Tensor) else i, index,
+                             is_leaf=lambda i: isinstance(i, Tensor))
+        return apply_jax(lambda a: a[index], self)
+
+    def sum(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
+        """Sum over ``axis`` (all axes if ``None``).
+
+        Args:
+            axis: the axis or axes to reduce.
+            keepdims: keep the reduced axes with size 1.
+
+        Returns:
+            A Tensor.
+        """
+        return apply_jax(lambda a: jnp.sum(a, axis=axis, keepdims=keepdims), self)
+
+    def mean(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
+        """Mean over ``axis`` (all axes if ``None``).
+
+        Args:
+            axis: the axis or axes to reduce.
+            keepdims: keep the reduced axes with size 1.
+
+        Returns:
+            A Tensor.
+        """
+        return apply_jax(lambda a: jnp.mean(a, axis=axis, keepdims=keepdims), self)
+
+    def reshape(self, *shape: int | tuple[int, ...]) -> Tensor:
+        """The same elements in a new shape (``reshape(2, 3)`` or ``reshape((2, 3))``).
+
+        Args:
+            *shape: the new shape; one entry may be ``-1``.
+
+        Returns:
+            A Tensor.
+        """
+        if len(shape) == 1 and not isinstance(shape[0], numbers.Integral):
+            shape = tuple(shape[0])
+        return apply_jax(lambda a: jnp.reshape(a, shape), self)
+
+
+def _format(tensor: Tensor, prefix: str) -> str:
+    def body(value: jax.Array, prefix: str) -> str:
+        if is_traced(value):
+            return repr(value)
+        return np.array2string(np.asarray(value), separator=", ", prefix=prefix, precision=4, floatmode="maxprec_equal")
+
+    grad_prefix = " " * len(prefix) + "grad="
+    text = prefix + body(tensor._data, prefix)
+    if tensor.dtype != jnp.float32:
+        text += f", dtype={tensor.dtype}"
+    grad = "None" if tensor.grad is None else body(tensor.grad, grad_prefix)
+    return f"{text}, grad={grad})"
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Every Tensor ``root`` depends on, each after all of its parents."""
+    order: list[Tensor] = []
+    seen: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        tensor, parents_done = stack.pop()
+        if parents_done:
+            order.append(tensor)
+            continue
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        stack.append((tensor, True))
+        if tensor._node is not None:
+            stack.extend((p, False) for p in tensor._node.parents if id(p) not in seen)
+    return order
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor)
+
+
+def apply_jax(fun: Callable[..., Any], *args: Any, has_aux: bool = False) -> Any:
+    """Run a pure JAX function on Tensors and record its pullback on the tape.
+
+    ``args`` are pytrees whose leaves may be Tensors; ``fun`` receives them
+    with every Tensor replaced by its ``jax.Array``. When gradients are being
+    recorded and some Tensor leaf requires one, ``fun`` runs under
+    ``jax.vjp`` with respect to exactly those leaves, and the output keeps the
+    pullback: the gradient of every lucid operation is JAX's.
+
+    Args:
+        fun: a pure function returning one array (or ``(array, aux)`` when
+            ``has_aux``).
+        *args: its positional arguments (pytrees; Tensor leaves are unwrapped).
+        has_aux: ``fun`` also returns auxiliary data, which is returned as is
+            and not differentiated.
+
+    Returns:
+        The output as a Tensor (requiring a gradient if recorded), or
+        ``(Tensor, aux)`` when ``has_aux``.
+
+    Raises:
+        TypeError: ``fun`` does not return a single array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lucid import Tensor
+        >>> from lucid._tensor import apply_jax
+        >>> x = Tensor([0.0, 1.0], requires_grad=True)
+        >>> y = apply_jax(jnp.exp, x)
+        >>> y
+        Tensor([1.0000, 2.7183], grad=None)
+        >>> y.backward()
+        >>> x.grad.tolist() == y.data.tolist()  # d exp(x) / dx = exp(x)
+        True
+    """
+    leaves, treedef = jax.tree.flatten(args, is_leaf=_is_tensor)
+    values = [leaf._data if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+    diff = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf._requires_grad]
+    if not diff or not _grad_enabled.get():
+        result = fun(*jax.tree.unflatten(treedef, values))
+        out, aux = result if has_aux else (result, None)
+        return _wrap(out, None, has_aux, aux)
+
+    def pure(*diff_values: jax.Array) -> Any:
+        vals = list(values)
+        for i, v in zip(diff, diff_values):
+            vals[i] = v
+        return fun(*jax.tree.unflatten(treedef, vals))
+
+    if has_aux:
+        out, pullback, aux = jax.vjp(pure, *(values[i] for i in diff), has_aux=True)
+    else:
+        (out, pullback), aux = jax.vjp(pure, *(values[i] for i in diff)), None
+    node = _Node(pullback, tuple(leaves[i] for i in diff))
+    if isinstance(out, jax.Array) and not jnp.issubdtype(out.dtype, jnp.inexact):
+        node = None  # an integer or boolean output has no gradient
+    return _wrap(out, node, has_aux, aux)
+
+
+def _wrap(out: Any, node: _Node | None, has_aux: bool, aux: Any) -> Any:
+    if not isinstance(out, jax.Array):
+        raise TypeError(f"apply_jax needs a function returning one array, got {type(out).__name__}.")
+    tensor = Tensor._from_op(out, node)
+    return (tensor, aux) if has_aux else tensor
+
+
+def assign_in_place(targets: Mapping[str, Tensor], values: Mapping[str, Any], what: str = "state") -> None:
+    """Replace the data of Tensors in place, all or none.
+
+    This is how running statistics are updated: the Tensor objects stay the
+    same (anyone holding one sees the new values), only their data changes.
+
+    Args:
+        targets: Tensors keyed by name.
+        values: the new arrays, with (at least) the keys of ``targets``.
+        what: how to name the Tensors in an error message.
+
+    Raises:
+        TypeError: a new value is a tracer (the call runs inside a JAX
+            transformation) and would leak out of it; nothing is changed.
+    """
+    new = {name: values[name] for name in targets}
+    if not _traced_state_ok.get():
+        traced = sorted(name for name, v in new.items() if is_traced(v))
+        if traced:
+            raise TypeError(
+                f"cannot update {what} {traced} with traced values: this call runs inside a JAX "
+                f"transformation, and storing a tracer would leak it. " + _BRIDGE_HINT
+            )
+    for name, tensor in targets.items():
+        tensor._data = new[name]

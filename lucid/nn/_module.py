@@ -1,0 +1,590 @@
+"""``Module``, ``Parameter`` and buffers: the stateful side of lucid, PyTorch-shaped.
+
+A :class:`Module` owns :class:`Parameter` s (trainable Tensors), buffers
+(non-trainable Tensors such as running statistics) and child modules, and
+names them as PyTorch does (``norm.running_mean``), so state dicts move
+between the two libraries.
+
+The same state is also available as plain pytrees, for ``jax.jit``/``jax.grad``:
+:meth:`Module.pytrees` hands it out, :meth:`Module.apply` runs the module as a
+pure function of it, and :meth:`Module.load_pytrees` takes the result back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._tensor import Tensor, _allow_traced_state, external_to_numpy, is_traced, no_grad
+
+__all__ = ["Module", "Parameter"]
+
+
+class Parameter(Tensor):
+    """A Tensor that a :class:`Module` registers as trainable.
+
+    Args:
+        data: the initial value (anything :class:`lucid.Tensor` accepts).
+        requires_grad: whether gradients are recorded for it.
+
+    Example:
+        >>> from lucid.nn import Parameter
+        >>> Parameter([1.0, 2.0])
+        Parameter containing:
+        Tensor([1., 2.], grad=None)
+    """
+
+    __slots__ = ()
+
+    def __init__(self, data: Any, requires_grad: bool = True) -> None:
+        super().__init__(data, requires_grad=requires_grad)
+
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + super().__repr__()
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :meth:`Module.load_state_dict` did not match (empty under ``strict=True``)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _as_array(value: Any, name: str) -> jax.Array | np.ndarray:
+    if isinstance(value, Tensor):
+        value = value.data
+    if is_traced(value):
+        raise TypeError(
+            f"{name!r} is a traced value: module state cannot be set inside a JAX transformation "
+            f"(it would leak a tracer). Return the new pytrees from the transformed function and "
+            f"call load_pytrees/load_state_dict outside it."
+        )
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return value
+    if isinstance(value, np.generic):
+        return np.asarray(value)
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        return external_to_numpy(value)
+    raise TypeError(
+        f"{name!r} must be a NumPy array, a JAX array, a lucid.Tensor or a torch.Tensor, got {type(value).__name__}."
+    )
+
+
+def _converted(value: Any, target: Tensor, name: str) -> jax.Array:
+    """``value`` as a ``jax.Array`` of ``target``'s shape and dtype, checked first."""
+    array = _as_array(value, name)
+    if tuple(array.shape) != target.shape:
+        raise ValueError(
+            f"size mismatch for {name!r}: the checkpoint has shape {tuple(array.shape)}, "
+            f"the module expects {target.shape}."
+        )
+    dtype = target.dtype
+    if jnp.issubdtype(dtype, jnp.integer):
+        host = np.asarray(array)
+        if not jnp.issubdtype(host.dtype, jnp.integer) or not np.array_equal(host.astype(dtype).astype(host.dtype), host):
+            raise ValueError(f"{name!r} must hold integers that fit in {dtype}, got {host.dtype} values {host}.")
+    if isinstance(array, jax.Array):
+        return array.astype(dtype)
+    # NumPy casts first: an int64/float64 array then arrives exact, without
+    # depending on JAX's 64-bit mode.
+    return jnp.asarray(np.asarray(array).astype(dtype))
+
+
+class Module:
+    """Base class of lucid's layers, with PyTorch's attribute-based registration.
+
+    Assigning a :class:`Parameter` or a ``Module`` to an attribute registers
+    it; :meth:`register_buffer` registers a non-trainable Tensor. Subclasses
+    call ``super().__init__()`` first and define :meth:`forward`.
+
+    Example:
+        >>> import lucid.nn as nn
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.norm = nn.InstanceNorm1d(2)
+        ...         self.scale = nn.Parameter([1.0, 1.0])
+        ...     def forward(self, x):
+        ...         return self.norm(x) * self.scale.reshape(2, 1)
+        >>> net = Net()
+        >>> list(net.state_dict())
+        ['scale', 'norm.weight', 'norm.bias', 'norm.running_mean', 'norm.running_var', 'norm.num_batches_tracked']
+        >>> net
+        Net(
+          (norm): InstanceNorm1d(2, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+        )
+    """
+
+    training: bool
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_parameters", {})
+        object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_non_persistent", set())
+        object.__setattr__(self, "_modules", {})
+
+    # ------------------------------------------------------------ registration
+
+    def _registry(self, kind: str) -> dict:
+        try:
+            return object.__getattribute__(self, kind)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__}.__init__ must call super().__init__() before assigning "
+                f"parameters, buffers or submodules."
+            ) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, Parameter):
+            self._forget(name)
+            self._registry("_parameters")[name] = value
+        elif isinstance(value, Module):
+            self._forget(name)
+            self._registry("_modules")[name] = value
+        elif name in self.__dict__.get("_parameters", {}):
+            if value is not None:
+                raise TypeError(
+                    f"cannot assign {type(value).__name__} as parameter {name!r} "
+                    f"(lucid.nn.Parameter or None expected)."
+                )
+            self._parameters[name] = None
+        elif name in self.__dict__.get("_modules", {}):
+            if value is not None:
+                raise TypeError(f"cannot assign {type(value).__name__} as child module {name!r} (Module or None expected).")
+            self._modules[name] = None
+        elif name in self.__dict__.get("_buffers", {}):
+            if value is not None and not isinstance(value, Tensor):
+                raise TypeError(f"cannot assign {type(value).__name__} as buffer {name!r} (lucid.Tensor or None expected).")
+            self._buffers[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: parameters, buffers, children.
+        for kind in ("_parameters", "_buffers", "_modules"):
+            registry = self.__dict__.get(kind)
+            if registry is not None and name in registry:
+                return registry[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        if not self._forget(name):
+            object.__delattr__(self, name)
+
+    def _forget(self, name: str) -> bool:
+        found = False
+        for kind in ("_parameters", "_buffers", "_modules"):
+            registry = self.__dict__.get(kind)
+            if registry is not None and name in registry:
+                del registry[name]
+                found = True
+        self.__dict__.get("_non_persistent", set()).discard(name)
+        if name in self.__dict__:
+            del self.__dict__[name]
+        return found
+
+    def _check_new_name(self, name: Any, kind: str) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"{kind} name must be a str, got {type(name).__name__}.")
+        if not name or "." in name:
+            raise ValueError(f"{kind} name must be non-empty and contain no '.', got {name!r}.")
+        if hasattr(self, name) and name not in self._registry("_buffers") and name not in self._registry("_parameters"):
+            raise ValueError(f"cannot register {kind} {name!r}: the attribute already exists.")
+
+    def register_buffer(self, name: str, tensor: Any, persistent: bool = True) -> None:
+        """Register a non-trainable Tensor (e.g. running statistics).
+
+        Args:
+            name: the attribute name (no dots).
+            tensor: a Tensor, anything :class:`lucid.Tensor` accepts, or ``None``.
+            persistent: include it in :meth:`state_dict`.
+
+        Raises:
+            TypeError, ValueError: a bad name, or a name already used by another attribute.
+        """
+        self._check_new_name(name, "buffer")
+        if tensor is not None and not isinstance(tensor, Tensor):
+            tensor = Tensor(tensor)
+        self._forget(name)
+        self._registry("_buffers")[name] = tensor
+        if not persistent:
+            self._non_persistent.add(name)
+
+    def register_parameter(self, name: str, param: Parameter | None) -> None:
+        """Register a :class:`Parameter` (or ``None``, a slot that stays in ``named_parameters`` order).
+
+        Args:
+            name: the attribute name (no dots).
+            param: a Parameter or ``None``.
+
+        Raises:
+            TypeError, ValueError: a bad name or value.
+        """
+        self._check_new_name(name, "parameter")
+        if param is not None and not isinstance(param, Parameter):
+            raise TypeError(f"cannot register {type(param).__name__} as parameter {name!r} (Parameter or None expected).")
+        self._forget(name)
+        self._registry("_parameters")[name] = param
+
+    # ------------------------------------------------------------ traversal
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """This module and all its descendants, each once, with dotted names.
+
+        Args:
+            prefix: prepended to every name.
+
+        Returns:
+            An iterator of ``(name, module)``; this module's name is ``prefix``.
+        """
+        seen: set[int] = set()
+        stack = [(prefix, self)]
+        while stack:
+            name, module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            yield name, module
+            children = [(f"{name}.{n}" if name else n, m) for n, m in module._modules.items() if m is not None]
+            stack.extend(reversed(children))
+
+    def modules(self) -> Iterator[Module]:
+        """This module and all its descendants.
+
+        Returns:
+            An iterator of modules.
+        """
+        return (m for _, m in self.named_modules())
+
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        """The direct child modules with their attribute names.
+
+        Returns:
+            An iterator of ``(name, module)``.
+        """
+        return ((n, m) for n, m in self._modules.items() if m is not None)
+
+    def children(self) -> Iterator[Module]:
+        """The direct child modules.
+
+        Returns:
+            An iterator of modules.
+        """
+        return (m for _, m in self.named_children())
+
+    def _named_members(self, kind: str, prefix: str, recurse: bool, persistent_only: bool = False,
+                       dedupe: bool = True) -> Iterator[tuple[str, Tensor]]:
+        modules = self.named_modules(prefix) if recurse else iter([(prefix, self)])
+        seen: set[int] = set()
+        for module_name, module in modules:
+            for name, tensor in module.__dict__[kind].items():
+                if tensor is None or (persistent_only and name in module._non_persistent):
+                    continue
+                if dedupe and id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                yield (f"{module_name}.{name}" if module_name else name), tensor
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Parameter]]:
+        """Parameters with dotted names, each once (PyTorch's order: own first, then children).
+
+        Args:
+            prefix: prepended to every name.
+            recurse: include the parameters of descendants.
+
+        Returns:
+            An iterator of ``(name, parameter)``.
+        """
+        return self._named_members("_parameters", prefix, recurse)
+
+    def parameters(self, recurse: bool = True) -> Iterator[Parameter]:
+        """Every parameter, each once.
+
+        Args:
+            recurse: include the parameters of descendants.
+
+        Returns:
+            An iterator of parameters.
+        """
+        return (p for _, p in self.named_parameters(recurse=recurse))
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Tensor]]:
+        """Buffers with dotted names, each once.
+
+        Args:
+            prefix: prepended to every name.
+            recurse: include the buffers of descendants.
+
+        Returns:
+            An iterator of ``(name, buffer)``.
+        """
+        return self._named_members("_buffers", prefix, recurse)
+
+    def buffers(self, recurse: bool = True) -> Iterator[Tensor]:
+        """Every buffer, each once.
+
+        Args:
+            recurse: include the buffers of descendants.
+
+        Returns:
+            An iterator of Tensors.
+        """
+        return (b for _, b in self.named_buffers(recurse=recurse))
+
+    # ------------------------------------------------------------ modes and grads
+
+    def train(self, mode: bool = True) -> Module:
+        """Set training mode on this module and all descendants.
+
+        Args:
+            mode: ``True`` for training, ``False`` for evaluation.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError: ``mode`` is not a bool.
+        """
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"train(mode) needs a bool, got {type(mode).__name__}.")
+        for module in self.modules():
+            object.__setattr__(module, "training", bool(mode))
+        return self
+
+    def eval(self) -> Module:
+        """Set evaluation mode (``train(False)``).
+
+        Returns:
+            ``self``.
+        """
+        return self.train(False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of all parameters.
+
+        Args:
+            set_to_none: set ``.grad`` to ``None`` (else to zeros).
+        """
+        for p in self.parameters():
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad = jnp.zeros_like(p.grad)
+
+    # ------------------------------------------------------------ state dicts
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        """Every saved Tensor under its state-dict name (a shared Tensor under each of its names)."""
+        out: dict[str, Tensor] = {}
+        for module_name, module in self.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            for name, p in module._parameters.items():
+                if p is not None:
+                    out[prefix + name] = p
+            for name, b in module._buffers.items():
+                if b is not None and name not in module._non_persistent:
+                    out[prefix + name] = b
+        return out
+
+    def state_dict(self) -> dict[str, jax.Array]:
+        """Parameters and persistent buffers by PyTorch's names.
+
+        Returns:
+            A dict from dotted name to ``jax.Array`` (a snapshot: arrays are
+            immutable), ordered as PyTorch orders it.
+        """
+        return {name: t.data for name, t in self._state_tensors().items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """Copy values into the parameters and buffers, in place.
+
+        Values may be NumPy arrays, JAX arrays, lucid Tensors or PyTorch
+        tensors; each is cast to the dtype of the Tensor it replaces (so a
+        PyTorch int64 ``num_batches_tracked`` loads into lucid's int32).
+        Everything is checked before anything changes.
+
+        Args:
+            state_dict: dotted name to array, as from :meth:`state_dict` or
+                ``torch.nn.Module.state_dict()``.
+            strict: the keys must match exactly.
+
+        Returns:
+            ``(missing_keys, unexpected_keys)``, both empty under ``strict``.
+
+        Raises:
+            ValueError: under ``strict``, missing or unexpected keys; in any
+                mode, a value of the wrong shape (or an integer that does not fit).
+            TypeError: ``state_dict`` is not a mapping, or a value is not an array.
+        """
+        return self._load(self._state_tensors(), state_dict, strict, "state_dict")
+
+    def _load(self, targets: dict[str, Tensor], values: Mapping[str, Any], strict: bool, what: str) -> IncompatibleKeys:
+        if not isinstance(values, Mapping):
+            raise TypeError(f"{what} must be a mapping from names to arrays, got {type(values).__name__}.")
+        missing = [k for k in targets if k not in values]
+        unexpected = [k for k in values if k not in targets]
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"error loading {what} into {type(self).__name__}: missing keys {missing}, "
+                f"unexpected keys {unexpected}. Nothing was changed; pass strict=False to load the matching keys."
+            )
+        new = {name: _converted(values[name], t, name) for name, t in targets.items() if name in values}
+        for name, array in new.items():
+            targets[name].data = array
+        return IncompatibleKeys(missing, unexpected)
+
+    # ------------------------------------------------------------ the pure bridge
+
+    def pytrees(self) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """The module's state as two plain pytrees, for JAX transformations.
+
+        Returns:
+            ``(params, stats)``: dicts from dotted name (as in
+            :meth:`state_dict`) to ``jax.Array``, for the parameters and the
+            buffers respectively.
+
+        Example:
+            >>> import lucid.nn as nn
+            >>> params, stats = nn.InstanceNorm2d(3).pytrees()
+            >>> sorted(params), sorted(stats)
+            (['bias', 'weight'], ['num_batches_tracked', 'running_mean', 'running_var'])
+        """
+        params = {name: p.data for name, p in self.named_parameters()}
+        stats = {name: b.data for name, b in self.named_buffers()}
+        return params, stats
+
+    def apply(self, params: Mapping[str, Any], stats: Mapping[str, Any], *args: Any,
+              training: bool | None = None, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
+        """Run the module as a pure function of its state: ``(out, new_stats)``.
+
+        The module's own state is not read or changed: for the duration of the
+        call its parameters and buffers hold ``params`` and ``stats`` (tracers
+        allowed), recording on the tape is off, and everything is restored
+        afterwards, also on error. So this can be wrapped in ``jax.jit``,
+        ``jax.grad``, ``jax.vmap``. (Unlike PyTorch's ``Module.apply(fn)``, this
+        is the pure forward pass, as in the ``init``/``apply`` pairs of lucid's
+        functional API.) Under ``jax.jit`` the module's hyperparameters
+        (``eps``, ``momentum``) are read when the function is traced.
+
+        Args:
+            params: the parameter pytree, keys as from :meth:`pytrees`.
+            stats: the buffer pytree, keys as from :meth:`pytrees`.
+            *args: the inputs of :meth:`forward` (arrays or Tensors).
+            training: the mode to run in (every descendant); ``None`` keeps
+                each module's current mode.
+            **kwargs: keyword inputs of :meth:`forward`.
+
+        Returns:
+            ``(out, new_stats)``: the output of :meth:`forward` with Tensors
+            replaced by their arrays, and the buffers after the call (updated
+            running statistics in training mode).
+
+        Raises:
+            ValueError: missing or unexpected keys, or a leaf of the wrong shape.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> import lucid.nn as nn
+            >>> norm = nn.InstanceNorm1d(2)
+            >>> params, stats = norm.pytrees()
+            >>> x = jnp.array([[[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]]])
+            >>> step = jax.jit(lambda p, s, x: norm.apply(p, s, x, training=True))
+            >>> y, stats = step(params, stats, x)
+            >>> print(stats["running_mean"], stats["num_batches_tracked"])
+            [0.2 0.4] 1
+            >>> norm.load_pytrees(params, stats)
+            >>> norm.running_mean
+            Tensor([0.2, 0.4], grad=None)
+        """
+        if training is not None and not isinstance(training, (bool, np.bool_)):
+            raise TypeError(f"training must be a bool or None, got {type(training).__name__}.")
+        named_params, named_buffers = dict(self.named_parameters()), dict(self.named_buffers())
+        for what, targets, given in (("params", named_params, params), ("stats", named_buffers, stats)):
+            if not isinstance(given, Mapping):
+                raise TypeError(f"{what} must be a dict from names to arrays, got {type(given).__name__}.")
+            if set(given) != set(targets):
+                raise ValueError(
+                    f"{what} must have exactly the keys of module.pytrees(): missing "
+                    f"{sorted(set(targets) - set(given))}, unexpected {sorted(set(given) - set(targets))}."
+                )
+            for name, t in targets.items():
+                if tuple(jnp.shape(given[name])) != t.shape:
+                    raise ValueError(f"{what}[{name!r}] must have shape {t.shape}, got {tuple(jnp.shape(given[name]))}.")
+        tensors = {**{("p", n): t for n, t in named_params.items()}, **{("s", n): t for n, t in named_buffers.items()}}
+        saved_data = {key: t.data for key, t in tensors.items()}
+        saved_modes = [(m, m.training) for m in self.modules()]
+        try:
+            with no_grad(), _allow_traced_state():
+                for name, t in named_params.items():
+                    t._data = jnp.asarray(params[name])
+                for name, t in named_buffers.items():
+                    t._data = jnp.asarray(stats[name])
+                if training is not None:
+                    self.train(bool(training))
+                out = self(*args, **kwargs)
+                new_stats = {name: t.data for name, t in named_buffers.items()}
+        finally:
+            for key, t in tensors.items():
+                t._data = saved_data[key]
+            for m, mode in saved_modes:
+                object.__setattr__(m, "training", mode)
+        out = jax.tree.map(lambda v: v.data if isinstance(v, Tensor) else v, out,
+                           is_leaf=lambda v: isinstance(v, Tensor))
+        return out, new_stats
+
+    def load_pytrees(self, params: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
+        """Take back the pytrees of :meth:`pytrees` (e.g. after a jitted training step), in place.
+
+        Args:
+            params: the parameter pytree, exactly the keys of :meth:`pytrees`.
+            stats: the buffer pytree, exactly the keys of :meth:`pytrees`.
+
+        Raises:
+            ValueError: wrong keys or shapes (nothing is changed).
+            TypeError: a leaf is a tracer (called inside a JAX transformation)
+                or not an array.
+        """
+        targets = {**{n: t for n, t in self.named_parameters()}, **{n: t for n, t in self.named_buffers()}}
+        if not isinstance(params, Mapping) or not isinstance(stats, Mapping):
+            raise TypeError("params and stats must be dicts from names to arrays, as from module.pytrees().")
+        overlap = set(params) & set(stats)
+        if overlap:
+            raise ValueError(f"params and stats share keys {sorted(overlap)}.")
+        self._load(targets, {**params, **stats}, True, "pytrees")
+
+    # ------------------------------------------------------------ calling and printing
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The computation of the module; subclasses define it.
+
+        Raises:
+            NotImplementedError: always, in the base class.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define forward().")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        """The module's own settings, shown inside its ``repr``.
+
+        Returns:
+            A string (empty by default).
+        """
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [line for line in self.extra_repr().split("\n") if line]
+        for name, module in self._modules.items():
+            child = repr(module).replace("\n", "\n  ")
+            lines.append(f"({name}): {child}")
+        if not lines:
+            return f"{type(self).__name__}()"
+        if len(lines) == 1 and not self._modules:
+            return f"{type(self).__name__}({lines[0]})"
+        return f"{type(self).__name__}(\n  " + "\n  ".join(lines) + "\n)"

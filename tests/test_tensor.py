@@ -1,0 +1,357 @@
+"""lucid.Tensor: construction, operators and the autograd tape, against PyTorch autograd;
+and the Tensor path of F.instance_norm (a Tensor out, running statistics updated in place)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import torch_instance_norm
+
+import lucid
+import lucid.nn.functional as F
+from lucid import Tensor, no_grad
+
+SHAPES = {"1d": (2, 3, 5), "2d": (2, 3, 4, 5), "3d": (2, 3, 3, 4, 2)}
+
+
+def _pair(rng, shape, requires_grad=True):
+    a = rng.normal(size=shape).astype(np.float32)
+    return Tensor(a, requires_grad=requires_grad), torch.tensor(a, requires_grad=requires_grad)
+
+
+# ---------------------------------------------------------------- construction and attributes
+
+
+def test_construction_from_lists_numpy_and_jax():
+    t = Tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert t.dtype == jnp.float32 and t.shape == (2, 2) and t.ndim == 2 and len(t) == 2
+    assert isinstance(t.data, jax.Array) and not t.requires_grad and t.grad is None and t.is_leaf
+    np.testing.assert_array_equal(t.numpy(), [[1, 2], [3, 4]])
+    assert Tensor([1, 2]).dtype == jnp.int32
+    assert Tensor(np.arange(3, dtype=np.float16)).dtype == jnp.float16
+    a = jnp.arange(4.0)
+    assert Tensor(a).data is a
+    assert Tensor(a, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+    assert Tensor([1, 2], dtype=jnp.float32).dtype == jnp.float32
+    t2 = Tensor(t, requires_grad=True)  # a new leaf sharing the data
+    assert t2.data is t.data and t2.requires_grad and not t.requires_grad
+    assert Tensor(2.5).item() == 2.5 and isinstance(Tensor(2.5).item(), float)
+
+
+def test_construction_errors():
+    with pytest.raises(TypeError, match="floating-point"):
+        Tensor([1, 2], requires_grad=True)
+    with pytest.raises(TypeError, match="numeric"):
+        Tensor([object()])
+    with pytest.raises(TypeError, match="bool"):
+        Tensor([1.0], requires_grad="yes")
+    with pytest.raises(ValueError, match="one element"):
+        Tensor([1.0, 2.0]).item()
+    with pytest.raises(TypeError, match="0-d"):
+        len(Tensor(1.0))
+
+
+def test_repr():
+    assert repr(Tensor([[1.0, 2.0], [3.0, 4.5]])) == "Tensor([[1.0, 2.0],\n        [3.0, 4.5]], grad=None)"
+    assert repr(Tensor([1, 2])) == "Tensor([1, 2], dtype=int32, grad=None)"
+    x = Tensor([1.0, 2.0], requires_grad=True)
+    (x * 3).sum().backward()
+    assert repr(x) == "Tensor([1., 2.], grad=[3., 3.])"
+    assert str(Tensor([0.123456])) == "Tensor([0.1235], grad=None)"
+
+
+def test_numpy_returns_a_writable_copy():
+    t = Tensor([1.0, 2.0])
+    a = t.numpy()
+    a[0] = 5
+    assert float(t.data[0]) == 1.0
+
+
+# ---------------------------------------------------------------- operators against PyTorch autograd
+
+
+def _every_operator(a, b):
+    """Each binary and unary operator once, with Python scalars on both sides."""
+    return -(a * b) + a / (b * b + 1) - 3 * b + 2 ** a + (a * a + 1) ** b + 1 - a + 1 / (b * b + 1) - b / 2
+
+
+def test_operators_values_and_grads_match_torch(rng):
+    a, ta = _pair(rng, (3, 4))
+    b, tb = _pair(rng, (3, 4))
+    y, ty = _every_operator(a, b), _every_operator(ta, tb)
+    np.testing.assert_allclose(y.numpy(), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert y.requires_grad and not y.is_leaf
+    g = rng.normal(size=y.shape).astype(np.float32)
+    y.backward(g)
+    ty.backward(torch.tensor(g))
+    np.testing.assert_allclose(a.grad, ta.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.grad, tb.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_broadcasting_grads_are_reduced_back_like_torch(rng):
+    a, ta = _pair(rng, (3, 4))
+    b, tb = _pair(rng, (4,))  # broadcast along a leading axis
+    c, tc = _pair(rng, (3, 1))  # and along a size-1 axis
+    for x, y, z in ((a, b, c), (ta, tb, tc)):
+        (x * y + z - x * z).sum().backward()
+    assert a.grad.shape == (3, 4) and b.grad.shape == (4,) and c.grad.shape == (3, 1)
+    for ours, theirs in ((a, ta), (b, tb), (c, tc)):
+        np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_matches_torch(rng):
+    a, ta = _pair(rng, (3, 4))
+    b, tb = _pair(rng, (4,))
+    v, tv = _pair(rng, (3,))
+    y, ty = v @ (a @ b), tv @ (ta @ tb)
+    np.testing.assert_allclose(y.item(), ty.item(), rtol=1e-5)
+    y.backward()
+    ty.backward()
+    for ours, theirs in ((a, ta), (b, tb), (v, tv)):
+        np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+UNARY = {
+    "reductions": (
+        lambda t: t.sum() + t.sum(axis=1).reshape(2, 1, 4) * t.mean(axis=(0, 2), keepdims=True) + t.reshape((4, 6)).mean(),
+        lambda t: t.sum() + t.sum(dim=1).reshape(2, 1, 4) * t.mean(dim=(0, 2), keepdim=True) + t.reshape(4, 6).mean(),
+    ),
+    "indexing": (  # basic, integer-array, Tensor and boolean-mask indices
+        lambda t: t[1:, ::2, -1] * 2 - t[np.array([0, 1, 0])].sum() + t[Tensor([1, 0])].sum() * t[t.numpy() > 0].sum(),
+        lambda t: t[1:, ::2, -1] * 2 - t[torch.tensor([0, 1, 0])].sum() + t[torch.tensor([1, 0])].sum()
+        * t[t.detach() > 0].sum(),
+    ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(UNARY))
+def test_reductions_reshape_and_indexing_match_torch(rng, op):
+    x, tx = _pair(rng, (2, 3, 4))
+    ours, theirs = UNARY[op]
+    y, ty = ours(x), theirs(tx)
+    np.testing.assert_allclose(y.numpy(), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+    y.backward()  # a non-scalar output is seeded with ones
+    ty.backward(torch.ones_like(ty))
+    np.testing.assert_allclose(x.grad, tx.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_and_jax_operands_are_recorded(rng):
+    x, tx = _pair(rng, (3,))
+    a = rng.normal(size=3).astype(np.float32)
+    y = a * x + jnp.asarray(a) + x * jnp.asarray(a)  # ndarray on the left defers to Tensor
+    assert isinstance(y, Tensor)
+    y.sum().backward()
+    np.testing.assert_allclose(x.grad, 2 * a)
+
+
+def test_array_interop():
+    t = Tensor([[1.0, 2.0]])
+    assert np.asarray(t).tolist() == [[1.0, 2.0]] and np.asarray(t, np.float64).dtype == np.float64
+    assert jnp.asarray(t) is t.data
+    assert float(jnp.sum(jnp.asarray(t))) == 3.0
+    assert float(Tensor(2.0)) == 2.0 and int(Tensor(3)) == 3
+    with pytest.raises((TypeError, ValueError)):
+        bool(Tensor([1.0, 2.0]))  # ambiguous, as for arrays
+
+
+# ---------------------------------------------------------------- the tape
+
+
+def test_backward_accumulates_on_leaves_across_calls():
+    x = Tensor([1.0, 2.0, 3.0], requires_grad=True)
+    (x * x).sum().backward()
+    np.testing.assert_array_equal(x.grad, [2.0, 4.0, 6.0])
+    y = (x * 10).sum()
+    y.backward()
+    y.backward()  # the graph is kept; the leaf accumulates again
+    np.testing.assert_array_equal(x.grad, [22.0, 24.0, 26.0])
+
+
+def test_shared_subexpressions_and_non_leaf_grads():
+    x, tx = Tensor([0.5, -1.5], requires_grad=True), torch.tensor([0.5, -1.5], requires_grad=True)
+    for lib_x in (x, tx):
+        h = lib_x * lib_x
+        out = (h * h + h * lib_x - h).sum()  # a diamond: h feeds three ops
+        out.backward()
+    np.testing.assert_allclose(x.grad, tx.grad.numpy(), rtol=1e-6)
+    h = x * 2
+    (h * h).sum().backward()
+    assert h.grad is None  # only leaves get a .grad
+
+
+def test_backward_seed_and_errors():
+    x = Tensor([[1.0, 2.0]], requires_grad=True)
+    y = x * 3
+    y.backward([[1.0, -1.0]])
+    np.testing.assert_array_equal(x.grad, [[3.0, -3.0]])
+    with pytest.raises(ValueError, match="shape"):
+        y.backward(np.ones(3))
+    np.testing.assert_array_equal(x.grad, [[3.0, -3.0]])  # unchanged
+    with pytest.raises(RuntimeError, match="requires grad"):
+        Tensor([1.0]).backward()
+    with pytest.raises(ValueError, match="leaf"):
+        y.requires_grad = False
+
+
+def test_inputs_without_requires_grad_get_no_grad():
+    x = Tensor([1.0, 2.0], requires_grad=True)
+    c = Tensor([3.0, 4.0])
+    (x * c).sum().backward()
+    assert c.grad is None
+    np.testing.assert_array_equal(x.grad, [3.0, 4.0])
+    assert not (c * 2).requires_grad
+
+
+def test_no_grad_as_context_and_decorator():
+    x = Tensor([1.0, 2.0], requires_grad=True)
+    with no_grad():
+        y = x * 2
+    assert not y.requires_grad and y.is_leaf
+
+    @no_grad()
+    def f(t, depth=2):
+        return t * t if depth == 0 else f(t, depth - 1)  # re-enters the same instance
+
+    assert not f(x).requires_grad
+    with pytest.raises(ZeroDivisionError), no_grad():
+        1 / 0
+    assert (x * 2).requires_grad  # restored after an exception
+
+
+def test_detach_cuts_the_graph():
+    x = Tensor([2.0], requires_grad=True)
+    y = x * x.detach()
+    y.backward()
+    np.testing.assert_array_equal(x.grad, [2.0])
+
+
+def test_tensors_are_transparent_to_jax_transformations():
+    """A Tensor may hold a tracer while a transformed function runs."""
+    f = lambda a: (Tensor(a) * Tensor(a) * 3).sum().data  # noqa: E731
+    np.testing.assert_allclose(jax.grad(f)(jnp.array([1.0, 2.0])), [6.0, 12.0])
+    np.testing.assert_allclose(jax.jit(f)(jnp.array([1.0, 2.0])), 15.0)
+
+
+def test_backward_inside_jit_refuses_to_leak_a_tracer_into_grad():
+    w = Tensor([1.0, 2.0], requires_grad=True)
+    (w * 1).sum().backward()
+
+    def step(x):
+        (Tensor(x) * w).sum().backward()
+        return x
+
+    with pytest.raises(TypeError, match="tracer"):
+        jax.jit(step)(jnp.ones(2))
+    np.testing.assert_array_equal(w.grad, [1.0, 1.0])  # unchanged
+    assert not isinstance(w.grad, jax.core.Tracer)
+
+
+# ---------------------------------------------------------------- F.instance_norm on Tensors
+
+
+def _inputs(rng, shape):
+    c = shape[1]
+    x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
+    w, b = rng.normal(size=c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    rm, rv = rng.normal(size=c).astype(np.float32), rng.uniform(0.5, 2, size=c).astype(np.float32)
+    return x, w, b, rm, rv
+
+
+# Each kind and each value of affine and training occurs (each new combination compiles; the
+# core's own tests cover the full product against torch, test_modules the module path).
+ROWS = [("2d", True, True), ("2d", False, False), ("1d", True, False), ("3d", False, True)]
+
+
+@pytest.mark.parametrize("kind,affine,training", ROWS)
+def test_functional_on_tensors_matches_torch_and_updates_stats_in_place(rng, kind, affine, training):
+    x, w, b, rm, rv = _inputs(rng, SHAPES[kind])
+    g = rng.normal(size=x.shape).astype(np.float32)
+    expected = torch_instance_norm(x, w if affine else None, b if affine else None, rm, rv,
+                                   training=training, momentum=0.2, grad_out=g)
+    tx = Tensor(x, requires_grad=True)
+    tw, tb = (Tensor(w, requires_grad=True), Tensor(b, requires_grad=True)) if affine else (None, None)
+    trm, trv = Tensor(rm), Tensor(rv)
+    y = F.instance_norm(tx, trm, trv, tw, tb, training=training, momentum=0.2)
+    assert isinstance(y, Tensor) and y.requires_grad
+    np.testing.assert_allclose(y.numpy(), expected["y"], atol=2e-5)
+    y.backward(g)
+    np.testing.assert_allclose(tx.grad, expected["dx"], atol=2e-5, rtol=1e-4)
+    if affine:
+        np.testing.assert_allclose(tw.grad, expected["dw"], atol=5e-5, rtol=1e-4)
+        np.testing.assert_allclose(tb.grad, expected["db"], atol=5e-5, rtol=1e-4)
+    np.testing.assert_allclose(trm.numpy(), expected["running_mean"], atol=1e-6)
+    np.testing.assert_allclose(trv.numpy(), expected["running_var"], rtol=1e-6)
+    if not training:
+        np.testing.assert_array_equal(trm.numpy(), rm)
+
+
+def test_functional_tensor_node_is_the_core_rule(rng):
+    """The tape's gradient is the pullback of the core: identical to jax.grad of instance_norm_apply."""
+    x, w, b, rm, rv = _inputs(rng, SHAPES["2d"])
+    g = rng.normal(size=x.shape).astype(np.float32)
+    tx, tw, tb = (Tensor(v, requires_grad=True) for v in (x, w, b))
+    F.instance_norm(tx, Tensor(rm), Tensor(rv), tw, tb, training=True, momentum=0.2).backward(g)
+    stats = {"running_mean": jnp.asarray(rm), "running_var": jnp.asarray(rv)}
+
+    def loss(x, params):
+        return jnp.sum(F.instance_norm_apply(params, stats, x, momentum=0.2)[0] * g)
+
+    dx, dp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), {"weight": jnp.asarray(w), "bias": jnp.asarray(b)})
+    np.testing.assert_allclose(tx.grad, dx, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(tw.grad, dp["weight"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(tb.grad, dp["bias"], rtol=1e-6, atol=1e-7)
+
+
+def test_functional_with_jax_arrays_stays_pure(rng):
+    x, w, b, rm, rv = _inputs(rng, SHAPES["1d"])
+    rm_j, rv_j = jnp.asarray(rm), jnp.asarray(rv)
+    y = F.instance_norm(Tensor(x), rm_j, rv_j, w, b, training=True)
+    assert isinstance(y, Tensor)
+    np.testing.assert_array_equal(rm_j, rm)
+    y2 = F.instance_norm(x, rm_j, rv_j, w, b, training=True)
+    assert isinstance(y2, jax.Array)
+    np.testing.assert_array_equal(y.numpy(), y2)
+
+
+def test_functional_reference_example():
+    running_mean, running_var = Tensor([0.0, 0.0]), Tensor([1.0, 1.0])
+    out = F.instance_norm(Tensor([[[1.0, 2.0], [3.0, 4.0]]]), running_mean, running_var,
+                          Tensor([1.0, 1.0]), Tensor([0.0, 0.0]), training=True)
+    t = torch_instance_norm(np.array([[[1.0, 2.0], [3.0, 4.0]]], np.float32), np.ones(2, np.float32),
+                            np.zeros(2, np.float32), np.zeros(2, np.float32), np.ones(2, np.float32))
+    np.testing.assert_allclose(out.numpy(), t["y"], atol=1e-6)
+    np.testing.assert_allclose(running_mean.numpy(), t["running_mean"], atol=1e-7)
+    np.testing.assert_allclose(running_var.numpy(), t["running_var"], atol=1e-7)
+
+
+def test_functional_failed_calls_change_nothing(rng):
+    x, w, b, rm, rv = _inputs(rng, SHAPES["2d"])
+    trm, trv = Tensor(rm), Tensor(rv)
+    tw = Tensor(w, requires_grad=True)
+    with pytest.raises(ValueError, match="shape"):
+        F.instance_norm(Tensor(x), trm, trv, Tensor(np.ones(4, np.float32)), training=True)
+    with pytest.raises(TypeError, match="both be Tensors"):
+        F.instance_norm(Tensor(x), trm, jnp.asarray(rv), tw, training=True)
+    with pytest.raises(TypeError, match="floating-point"):
+        F.instance_norm(Tensor(x.astype(np.int32)), trm, trv, tw, training=True)
+    np.testing.assert_array_equal(trm.numpy(), rm)
+    np.testing.assert_array_equal(trv.numpy(), rv)
+    assert tw.grad is None
+
+
+def test_functional_in_place_update_under_jit_is_refused(rng):
+    x, _, _, rm, rv = _inputs(rng, SHAPES["1d"])
+    trm, trv = Tensor(rm), Tensor(rv)
+    with pytest.raises(TypeError, match="module.apply"):
+        jax.jit(lambda a: F.instance_norm(Tensor(a), trm, trv, training=True).data)(x)
+    np.testing.assert_array_equal(trm.numpy(), rm)
+    assert not isinstance(trm.data, jax.core.Tracer)
+    # pure inputs under jit are fine
+    y = jax.jit(lambda a: F.instance_norm(Tensor(a), jnp.asarray(rm), jnp.asarray(rv), training=True).data)(x)
+    np.testing.assert_allclose(y, torch_instance_norm(x)["y"], atol=2e-5)
+
+
+def test_lucid_exports():
+    assert lucid.Tensor is Tensor and lucid.no_grad is no_grad
+    assert callable(lucid.save) and callable(lucid.load)
