@@ -102,10 +102,19 @@ def _shift(xc: jax.Array, mask: jax.Array | None, count: jax.Array, layout: Layo
 
     Unmasked: the first spatial element (no extra pass over memory). Masked: a
     rough masked mean, because the first element may be padding.
+
+    A spatial axis sharded over an ``Explicit`` mesh axis under ``jax.jit``
+    cannot be sliced to one element (JAX rejects slicing a sharded dim to a
+    size the mesh does not divide); along such axes the shift is the mean of
+    that first line instead, a small all-reduce that every device shares.
     """
     if mask is not None:
         return _spatial_sum(jnp.where(mask, xc, 0), layout) / count
-    first = xc[tuple(slice(0, 1) if a in layout.reduce_axes else slice(None) for a in range(xc.ndim))]
+    spec = jax.typeof(xc).sharding.spec
+    sharded = tuple(a for a in layout.reduce_axes if a < len(spec) and spec[a] is not None)
+    first = xc[tuple(slice(0, 1) if a in layout.reduce_axes and a not in sharded else slice(None) for a in range(xc.ndim))]
+    if sharded:
+        first = jnp.mean(first, axis=sharded, keepdims=True)
     if layout.spatial_axis_name is not None:
         # Every shard must shift by the same value for the sums to combine.
         first = lax.pmean(first, layout.spatial_axis_name)
