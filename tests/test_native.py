@@ -1,11 +1,13 @@
-"""lucid's native CPU kernel against the pure-XLA path and float64 references.
+"""lucid's native CPU kernels against the pure-XLA path and float64 references.
 
-The kernel (``csrc/instance_norm_cpu.cc``) replaces the forward statistics and
-normalization on CPU where it applies; every other test of the suite runs
-through it too. Here: that it is built and used, that it agrees with the XLA
-path and with float64 NumPy in every layout and dtype it takes, and that it
-steps aside where it does not apply (masks, split spatial axes, a mesh in
-context, export).
+The kernels (``csrc/instance_norm_cpu.cc``) compute the forward pass and the
+backward pass (the transpose of the tangent map) on CPU where they apply;
+every other test of the suite runs through them too. Here: that they are
+built and used, that they agree with the XLA path, with float64 NumPy and with
+``jax.grad`` of a ``jnp`` reference in every layout and dtype they take, under
+``vmap``, ``shard_map`` and higher-order differentiation, and that they step
+aside where they do not apply (masks, split spatial axes, a mesh in context,
+export).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 import lucid.nn.functional as F
 
 
-def _uses_kernel(fn, *args) -> bool:
-    return "lucid_instance_norm_forward" in jax.jit(fn).lower(*args).as_text()
+def _uses_kernel(fn, *args, target: str = "forward") -> bool:
+    return f"lucid_instance_norm_{target}" in jax.jit(fn).lower(*args).as_text()
 
 
 def _apply(x, weight, bias, channel_axis=1, training=True):
@@ -99,7 +101,7 @@ def test_gradients_through_the_kernel_match_jax_grad_of_the_reference(rng):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
     # Forward mode and a second order meet the kernel's rule, never the kernel itself.
     v = rng.normal(size=x.shape).astype(np.float32)
-    hvp = jax.jvp(jax.grad(loss(lucid_fn)), (x, w, b), (v, np.zeros_like(w), np.zeros_like(b)))[1]
+    hvp = jax.jit(lambda *p: jax.jvp(jax.grad(loss(lucid_fn)), p, (v, np.zeros_like(w), np.zeros_like(b)))[1])(x, w, b)
     hvp_ref = jax.jvp(jax.grad(loss(reference)), (x, w, b), (v, np.zeros_like(w), np.zeros_like(b)))[1]
     np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-3, atol=1e-4)
 
@@ -142,3 +144,142 @@ def test_inside_shard_map_each_device_runs_the_kernel_on_its_block(rng):
     np.testing.assert_allclose(y, y_one, rtol=1e-5, atol=1e-5)
     for key in ("running_mean", "running_var"):
         np.testing.assert_allclose(new_stats[key], stats_one[key], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# The backward kernel
+# --------------------------------------------------------------------------
+
+
+def _stats_loss(fn, g, a, c):
+    """A loss on the output and on the per-instance mean and variance, so the
+    backward kernel gets cotangents for all three."""
+
+    def loss(x, w, b):
+        y, mean, var = fn(x, w, b)
+        return jnp.sum(y.astype(jnp.float32) * g) + jnp.sum(mean * a) + jnp.sum(var * c)
+
+    return loss
+
+
+def _core(layout_axes, native):
+    from lucid.nn import _instance_norm as core
+
+    layout = core.Layout(layout_axes, None, 1e-5, native)
+    return lambda x, w, b: core.normalize_with_instance_stats(x, w, b, None, layout)[:3]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backward_kernel_matches_xla_path_and_reference_gradients(rng, case, affine):
+    shape, axis, dtype = CASES[case]
+    ndim, c = len(shape), shape[axis]
+    spatial = tuple(range(2, ndim)) if axis == 1 else tuple(range(1, ndim - 1))
+    stat_shape = tuple(1 if a in spatial else d for a, d in enumerate(shape))
+    x = jnp.asarray((rng.normal(size=shape) * 2.0 + 3.0).astype(np.float32), dtype)
+    channel = tuple(c if a == axis % ndim else 1 for a in range(ndim))  # broadcastable to x, as the core takes it
+    w = jnp.asarray(rng.normal(size=channel).astype(np.float32)) if affine else None
+    b = jnp.asarray(rng.normal(size=channel).astype(np.float32)) if affine else None
+    g = rng.normal(size=shape).astype(np.float32)
+    a, cc = rng.normal(size=stat_shape).astype(np.float32), rng.normal(size=stat_shape).astype(np.float32)
+    argnums = (0, 1, 2) if affine else (0,)
+    kernel = jax.jit(jax.grad(_stats_loss(_core(spatial, True), g, a, cc), argnums=argnums))
+    assert _uses_kernel(lambda *v: kernel(*v), x, w, b, target="backward")
+    got = kernel(x, w, b)
+    xla = jax.jit(jax.grad(_stats_loss(_core(spatial, False), g, a, cc), argnums=argnums))(x, w, b)
+
+    def reference(x, w, b):  # jnp in float32
+        y, mean, var, _ = ref_instance_norm(x.astype(jnp.float32), w, b, channel_axis=axis)
+        return y, mean, var
+
+    want = jax.jit(jax.grad(_stats_loss(reference, g, a, cc), argnums=argnums))(x, w, b)
+    tol = dict(rtol=2e-2, atol=5e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=2e-5)
+    for name, got_, xla_, want_ in zip("xwb", got, xla, want):
+        assert got_.dtype == xla_.dtype, name
+        np.testing.assert_allclose(np.asarray(got_, np.float64), np.asarray(xla_, np.float64), **tol, err_msg=name)
+        np.testing.assert_allclose(np.asarray(got_, np.float64), np.asarray(want_, np.float64), **tol, err_msg=name)
+
+
+def test_backward_kernel_compiles_without_input_sized_temporaries(rng):
+    """The compiled forward+backward keeps no input-sized buffer besides its inputs and outputs."""
+    x = rng.normal(size=(4, 8, 64, 64)).astype(np.float32)
+    w, b = np.ones(8, np.float32), np.zeros(8, np.float32)
+
+    def forward_backward(x, w, b, g):
+        y, pullback = jax.vjp(lambda x, w, b: _apply(x, w, b)[0], x, w, b)
+        return y, pullback(g)
+
+    compiled = jax.jit(forward_backward).lower(x, w, b, x).compile()
+    assert "lucid_instance_norm_backward" in compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.05 * x.nbytes
+
+
+def test_backward_kernel_under_vmap_gives_per_example_gradients(rng):
+    """vmap of grad: the mapped axis becomes a leading axis of the kernel, weights differ per example."""
+    xs = rng.normal(size=(5, 2, 3, 4, 6)).astype(np.float32)
+    ws = rng.normal(size=(5, 3)).astype(np.float32)
+    b = rng.normal(size=3).astype(np.float32)
+
+    def loss(x, w):
+        return jnp.sum(_apply(x, w, b)[0] ** 3)
+
+    per_example = jax.vmap(jax.grad(loss, argnums=(0, 1)))
+    assert _uses_kernel(per_example, xs, ws, target="backward")
+    got = jax.jit(per_example)(xs, ws)
+    with F.pure_xla():
+        for i in range(5):
+            want = jax.grad(loss, argnums=(0, 1))(xs[i], ws[i])
+            for got_, want_ in zip(got, want):
+                np.testing.assert_allclose(got_[i], want_, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_kernel_inside_shard_map_sums_replicated_weight_gradients(rng):
+    x = rng.normal(size=(8, 3, 6, 5)).astype(np.float32)
+    w, b = rng.normal(size=3).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    g = rng.normal(size=x.shape).astype(np.float32)
+    mesh = jax.make_mesh((8,), ("b",))
+
+    def local_loss(x, g, w, b):
+        return jax.lax.psum(jnp.sum(_apply(x, w, b)[0] * g), "b")
+
+    grad = jax.shard_map(jax.grad(local_loss, argnums=(0, 2, 3)), mesh=mesh,
+                         in_specs=(P("b"), P("b"), P(), P()), out_specs=(P("b"), P(), P()))
+    xs, gs = (jax.device_put(v, NamedSharding(mesh, P("b"))) for v in (x, g))
+    assert _uses_kernel(grad, xs, gs, w, b, target="backward")
+    got = jax.jit(grad)(xs, gs, w, b)
+    with F.pure_xla():
+        want = jax.grad(lambda x, w, b: jnp.sum(_apply(x, w, b)[0] * g), argnums=(0, 1, 2))(x, w, b)
+    for got_, want_ in zip(got, want):
+        np.testing.assert_allclose(got_, want_, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_kernel_higher_orders_and_transposition(rng):
+    """Derivatives of the backward pass meet the jnp formulas, and the pullback transposes back to the JVP."""
+    x = (rng.normal(size=(2, 3, 5, 4)) * 1.5 + 1.0).astype(np.float32)
+    w, b = rng.normal(size=3).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    g = rng.normal(size=x.shape).astype(np.float32)
+    lucid_fn = lambda x, w, b: _apply(x, w, b)[0]  # noqa: E731
+    reference = lambda x, w, b: ref_instance_norm(x, w, b)[0]  # noqa: E731
+
+    def grad_norm(fn):
+        return lambda x, w: jnp.sum(jax.grad(lambda x, w: jnp.sum(fn(x, w, b) * g), argnums=(0, 1))(x, w)[0] ** 2)
+
+    got = jax.jit(jax.grad(grad_norm(lucid_fn), argnums=(0, 1)))(x, w)
+    want = jax.jit(jax.grad(grad_norm(reference), argnums=(0, 1)))(x, w)
+    for got_, want_ in zip(got, want):
+        np.testing.assert_allclose(got_, want_, rtol=1e-3, atol=1e-4)
+    xs, gs = x[:1, :, :2, :3], g[:1, :, :2, :3]
+    hessian = jax.jit(jax.hessian(lambda x: jnp.sum(lucid_fn(x, w, b) * gs)))(xs)
+    hessian_ref = jax.jit(jax.hessian(lambda x: jnp.sum(reference(x, w, b) * gs)))(xs)
+    np.testing.assert_allclose(hessian, hessian_ref, rtol=1e-3, atol=1e-4)
+    # Transposing the pullback (the backward kernel's primitive) gives the tangent map back.
+    v = rng.normal(size=x.shape).astype(np.float32)
+
+    @jax.jit
+    def transposed_pullback(x, v):
+        _, pullback = jax.vjp(lambda x: lucid_fn(x, w, b), x)
+        return jax.linear_transpose(pullback, x)((v,))[0]
+
+    assert not _uses_kernel(transposed_pullback, x, v, target="backward")  # transposed back to the tangent map
+    want = jax.jvp(lambda x: reference(x, w, b), (x,), (v,))[1]
+    np.testing.assert_allclose(transposed_pullback(x, v), want, rtol=1e-4, atol=1e-4)

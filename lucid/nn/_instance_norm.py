@@ -1,8 +1,9 @@
 """The math of instance normalization: statistics, normalization, derivative rules.
 
-Everything here is pure ``jax.numpy``/``lax`` on arrays; nothing imports the
-``Tensor``/``Module`` facade. Every public entry point of lucid (the functional
-API, the modules, the ``Tensor`` path) ends in :func:`normalize_with_instance_stats`
+Everything here works on arrays (``jax.numpy``/``lax``, and one primitive pair
+for the native backward kernel); nothing imports the ``Tensor``/``Module``
+facade. Every public entry point of lucid (the functional API, the modules,
+the ``Tensor`` path) ends in :func:`normalize_with_instance_stats`
 or :func:`normalize_with_running_stats`, so each formula lives here once.
 
 Notation, per instance ``(n, c)`` and its ``M`` (valid) spatial elements::
@@ -37,6 +38,11 @@ The tangent map runs under ``jax.checkpoint``: without it, JAX's partial
 evaluation would save ``xhat`` (a second input-sized array) for the backward
 pass. With it, reverse mode keeps only ``x`` (an input anyway) and the O(N*C)
 statistics, and recomputes ``xhat`` inside the fused backward kernel.
+
+Where lucid's native CPU kernels apply (:mod:`lucid.nn._native`), the same
+tangent map is one primitive whose transpose rule calls the native backward
+kernel: the two per-instance sums from one read of ``x`` and the cotangent,
+then ``dx`` from cache (see "The tangent map as a primitive pair" below).
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import dispatch
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from . import _native
 
@@ -289,16 +298,178 @@ def _normalize_and_stats_jvp(layout, primals, tangents):
     # backward reductions instead of materializing it. x - mean is still exact
     # (both are floats of one magnitude); the rounding of the mean is carried
     # by the small residual, keeping xhat = ((x - mean) - residual) * r exact.
-    # The tangent map recomputes xhat instead of saving it (see the module docstring);
-    # prevent_cse keeps XLA from sharing x - mean with the forward pass.
-    tangent = jax.checkpoint(partial(_instance_tangent, layout), prevent_cse=True)
-    dy, dmean, dvar = tangent(
-        x, mean, residual, rstd, count, weight, mask, dx,
-        None if weight is None else dweight, None if bias is None else dbias,
-    )
+    dweight = None if weight is None else dweight
+    dbias = None if bias is None else dbias
+    if layout.native and _native.eligible(x, weight, bias, mask, layout.reduce_axes, layout.spatial_axis_name):
+        # The same map as one primitive, whose transpose runs the native backward kernel on CPU.
+        dy, dmean, dvar = _kernel_tangent(layout, x, mean, residual, rstd, weight, dx, dweight, dbias)
+    else:
+        # The tangent map recomputes xhat instead of saving it (see the module docstring);
+        # prevent_cse keeps XLA from sharing x - mean with the forward pass.
+        tangent = jax.checkpoint(partial(_instance_tangent, layout), prevent_cse=True)
+        dy, dmean, dvar = tangent(x, mean, residual, rstd, count, weight, mask, dx, dweight, dbias)
     # The residual is a rounding error: its derivative is zero, and the
     # rounded mean moves with the mean.
     return primal_out, (dy, dmean, jnp.zeros_like(residual), dvar, jnp.zeros_like(count))
+
+
+# --------------------------------------------------------------------------
+# The tangent map as a primitive pair, for the native backward kernel
+# --------------------------------------------------------------------------
+#
+# JAX transposes a program one primitive at a time, so a hand-written backward
+# pass can only replace the transpose of the tangent map if the tangent map is
+# itself one primitive. ``_tangent_p`` is that map, and ``_cotangent_p`` its
+# transpose; each is the other's transpose rule, so reverse mode of any order
+# alternates between them. Their derivatives (second order and up) and their
+# lowering on other platforms are the ``jnp`` formulas of ``_instance_tangent``
+# (the cotangent as its ``jax.vjp``), so the kernel is never differentiated and
+# no formula is written twice. On CPU ``_cotangent_p`` lowers to the kernel.
+#
+# Operands: ``x, mean, residual, rstd, weight`` (the point of linearization),
+# then three linear ones: ``dx, dweight, dbias`` into ``_tangent_p``, giving
+# ``dy, dmean, dvar``; the cotangents of those into ``_cotangent_p``, giving
+# those of ``dx, dweight, dbias``. ``x`` and ``dx``/``dy`` keep the caller's
+# shape, ``(N, C, *spatial)`` (``channels_last=0``) or ``(N, *spatial, C)``,
+# so that reverse mode saves ``x`` itself; statistics are ``(N, C)`` and
+# weight ``(C,)``. ``vmap`` adds leading axes to every operand (``leading``
+# counts them), over which weight and bias may differ.
+
+_tangent_p = Primitive("lucid_instance_norm_tangent")
+_cotangent_p = Primitive("lucid_instance_norm_cotangent")
+_NUM_POINT = 5  # operands before the linear ones
+
+
+def _in_kernel_layout(fn):
+    """Runs ``fn`` on the kernels' layout: ``x`` and the first linear operand
+    as ``(P, N, C, M)`` or ``(P, N, M, C)``, the others ``(P, N, C)`` or ``(P, C)``,
+    with ``P`` the product of the leading axes; outputs return to the operands' shapes."""
+
+    def wrapped(*operands, channels_last, leading):
+        x = operands[0]
+        lead = x.shape[:leading]
+        p = math.prod(lead)
+        n, c = x.shape[leading], x.shape[-1 if channels_last else leading + 1]
+        m = x.size // (p * n * c) if x.size else 0
+        view = (p, n, m, c) if channels_last else (p, n, c, m)
+        inputs = [v.reshape(view) if v.shape == x.shape else v.reshape((p, *v.shape[leading:])) for v in operands]
+        outs = fn(*inputs, channels_last=channels_last)
+        return [o.reshape(x.shape) if o.ndim == 4 else o.reshape((*lead, *o.shape[1:])) for o in outs]
+
+    return wrapped
+
+
+def _spatial_axis(channels_last: int) -> int:
+    """The spatial axis of the kernels' 4-d layout."""
+    return 2 if channels_last else 3
+
+
+def _tangent_in_kernel_layout(x, mean, residual, rstd, weight, dx, dweight, dbias, *, channels_last):
+    """:func:`_instance_tangent` on the kernels' layout."""
+    spatial = _spatial_axis(channels_last)
+    per_instance = partial(jnp.expand_dims, axis=spatial)  # (P, N, C) -> x's rank
+
+    def per_channel(v):  # (P, C) -> x's rank
+        return jnp.expand_dims(v, (1, spatial))
+
+    count = jnp.asarray(x.shape[spatial], rstd.dtype)
+    dy, dmean, dvar = _instance_tangent(
+        Layout((spatial,), None, 0.0), x, per_instance(mean), per_instance(residual), per_instance(rstd), count,
+        per_channel(weight), None, dx, per_channel(dweight), per_channel(dbias),
+    )
+    return dy, jnp.squeeze(dmean, spatial), jnp.squeeze(dvar, spatial)
+
+
+def _cotangent_in_kernel_layout(x, mean, residual, rstd, weight, gy, gmean, gvar, *, channels_last):
+    """The transpose of :func:`_tangent_in_kernel_layout` in its linear operands."""
+    tangent = partial(_tangent_in_kernel_layout, x, mean, residual, rstd, weight, channels_last=channels_last)
+    zeros = (jnp.zeros_like(x), jnp.zeros_like(weight), jnp.zeros_like(weight))
+    return jax.vjp(tangent, *zeros)[1]((gy, gmean, gvar))
+
+
+def _cotangent_with_kernel(x, mean, residual, rstd, weight, gy, gmean, gvar, *, channels_last):
+    gx, g1, g2 = _native.backward(x, gy, mean, residual, rstd, weight, gmean, gvar, channels_last)
+    # d weight = sum_n sum_s(gy * xhat), d bias = sum_n sum_s(gy): from the per-instance partials.
+    return gx, jnp.sum(g2, axis=1), jnp.sum(g1, axis=1)
+
+
+def _tangent_abstract_eval(x, mean, residual, rstd, weight, dx, dweight, dbias, **params):
+    return [dx, mean, mean]
+
+
+def _cotangent_abstract_eval(x, mean, residual, rstd, weight, gy, gmean, gvar, **params):
+    return [gy, weight, weight]
+
+
+def _transpose_into(other: Primitive):
+    """The transpose rule of one primitive of the pair: a call of the other."""
+
+    def transpose(cts, *operands, **params):
+        point, linear = operands[:_NUM_POINT], operands[_NUM_POINT:]
+        if any(ad.is_undefined_primal(v) for v in point):
+            raise ValueError("lucid's tangent map is linear in its last three operands only")
+        if all(type(ct) is ad.Zero for ct in cts):
+            return [None] * len(operands)
+        outs = other.bind(*point, *map(ad.instantiate_zeros, cts), **params)
+        return [None] * _NUM_POINT + [o if ad.is_undefined_primal(v) else None for o, v in zip(outs, linear)]
+
+    return transpose
+
+
+def _jvp_from(reference):
+    """A JVP rule from the ``jnp`` formula: derivatives never meet the kernel."""
+
+    def jvp(primals, tangents, **params):
+        return jax.jvp(partial(reference, **params), tuple(primals), tuple(map(ad.instantiate_zeros, tangents)))
+
+    return jvp
+
+
+def _batch_into_leading_axis(prim: Primitive):
+    """A ``vmap`` rule: the mapped axis becomes one more leading axis of every operand."""
+
+    def batch(operands, dims, channels_last, leading):
+        size = next(v.shape[d] for v, d in zip(operands, dims) if d is not None)
+        moved = [jnp.broadcast_to(v, (size, *v.shape)) if d is None else jnp.moveaxis(v, d, 0) for v, d in zip(operands, dims)]
+        outs = prim.bind(*moved, channels_last=channels_last, leading=leading + 1)
+        return outs, [0] * len(outs)
+
+    return batch
+
+
+for _prim, _other, _reference, _abstract_eval in (
+    (_tangent_p, _cotangent_p, _in_kernel_layout(_tangent_in_kernel_layout), _tangent_abstract_eval),
+    (_cotangent_p, _tangent_p, _in_kernel_layout(_cotangent_in_kernel_layout), _cotangent_abstract_eval),
+):
+    _prim.multiple_results = True
+    _prim.def_impl(partial(dispatch.apply_primitive, _prim))
+    _prim.def_abstract_eval(_abstract_eval)
+    ad.primitive_jvps[_prim] = _jvp_from(_reference)
+    ad.primitive_transposes[_prim] = _transpose_into(_other)
+    batching.primitive_batchers[_prim] = _batch_into_leading_axis(_prim)
+    mlir.register_lowering(_prim, mlir.lower_fun(_reference, multiple_results=True))
+mlir.register_lowering(
+    _cotangent_p, mlir.lower_fun(_in_kernel_layout(_cotangent_with_kernel), multiple_results=True), platform="cpu"
+)
+
+
+def _kernel_tangent(layout: Layout, x, mean, residual, rstd, weight, dx, dweight, dbias):
+    """:func:`_instance_tangent` for a call the kernel computes, through ``_tangent_p``."""
+    order = _native.channel_order(x.ndim, layout.reduce_axes)
+    n, c = x.shape[0], x.shape[-1 if order else 1]
+
+    def per_instance(v):
+        return v.reshape(n, c)
+
+    def per_channel(v, fill):
+        return jnp.full((c,), fill, jnp.float32) if v is None else v.astype(jnp.float32).reshape(c)
+
+    operands = _native.match_varying(
+        x, per_instance(mean), per_instance(residual), per_instance(rstd), per_channel(weight, 1.0),
+        dx, per_channel(dweight, 0.0), per_channel(dbias, 0.0),
+    )
+    dy, dmean, dvar = _tangent_p.bind(*operands, channels_last=order, leading=0)
+    return dy, dmean.reshape(mean.shape), dvar.reshape(mean.shape)
 
 
 # --------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """lucid's native CPU kernels (``csrc/instance_norm_cpu.cc``), called through XLA's FFI.
 
-The kernel reads every instance from memory once and revisits it from cache,
+The kernels read every instance from memory once and revisit it from cache,
 which XLA's CPU code generator does not do; see the C++ file for the math.
-It is an implementation detail of :func:`lucid.nn._instance_norm.normalize_with_instance_stats`
-and is used only where it computes exactly the same thing as the pure-XLA path:
+They are an implementation detail of :func:`lucid.nn._instance_norm.normalize_with_instance_stats`
+(the forward pass, and the transpose of its tangent map, i.e. the backward
+pass) and are used only where they compute exactly what the pure-XLA path does:
 
 * on CPU: the call is wrapped in ``lax.platform_dependent``, so programs
   lowered for GPU or TPU (``jax.export`` included) carry the XLA path;
@@ -31,6 +32,7 @@ import numpy as np
 
 _LIBRARY_STEM = "_instance_norm_cpu"
 _FORWARD = "lucid_instance_norm_forward"
+_BACKWARD = "lucid_instance_norm_backward"
 
 
 def _load() -> bool:
@@ -40,6 +42,7 @@ def _load() -> bool:
         if path.exists():
             library = ctypes.cdll.LoadLibrary(str(path))
             jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.LucidInstanceNormForward), platform="cpu")
+            jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.LucidInstanceNormBackward), platform="cpu")
             return True
     return False
 
@@ -132,14 +135,19 @@ def _varying_axes(value) -> frozenset:
     return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
 
 
-def _varying_like(x, outputs):
-    """Inside ``shard_map``, mark the call's outputs as varying over the mesh
-    axes that ``x`` varies over (the FFI call does not infer it)."""
-    varying = _varying_axes(x)
+def match_varying(*values):
+    """Inside ``shard_map``, mark every value as varying over the union of the
+    mesh axes that any of them varies over (outside, returns them unchanged).
+
+    The FFI call does not infer how its outputs vary, and lucid's linear
+    primitives (see ``_instance_norm``) require operands that agree; marking
+    a replicated operand as varying transposes to the ``psum`` its gradient needs.
+    """
+    varying = frozenset().union(*(_varying_axes(v) for v in values))
     marked = []
-    for out in outputs:
-        missing = tuple(sorted(varying - _varying_axes(out)))
-        marked.append(jax.lax.pcast(out, missing, to="varying") if missing else out)
+    for v in values:
+        missing = tuple(sorted(varying - _varying_axes(v)))
+        marked.append(jax.lax.pcast(v, missing, to="varying") if missing else v)
     return marked
 
 
@@ -159,8 +167,22 @@ def forward(x, weight, bias, eps: float, reduce_axes: tuple[int, ...]):
     call = jax.ffi.ffi_call(
         _FORWARD, (jax.ShapeDtypeStruct(x3.shape, x3.dtype), stat, stat, stat), vmap_method="broadcast_all"
     )
-    y, mean, residual, var = _varying_like(x, call(
+    y, mean, residual, var = match_varying(x, *call(
         x3, _vector(weight, c, 1.0), _vector(bias, c, 0.0), eps=np.float32(eps), channels_last=np.int64(order)
-    ))
+    ))[1:]
     stats_shape = tuple(1 if a in reduce_axes else d for a, d in enumerate(x.shape))
     return (y.reshape(x.shape), *(s.reshape(stats_shape) for s in (mean, residual, var)))
+
+
+def backward(x, gy, mean, residual, rstd, weight, gmean, gvar, channels_last: int):
+    """``(gx, g1, g2)``: the input's cotangent and the per-instance sums
+    ``g1 = sum(gy)``, ``g2 = sum(gy * xhat)``.
+
+    Takes the kernels' own layout: ``x`` and ``gy`` of shape ``(..., N, C, M)``
+    (``channels_last=0``) or ``(..., N, M, C)``; the statistics and the
+    cotangents of the mean and variance ``(..., N, C)``; ``weight`` ``(..., C)``.
+    """
+    stat = jax.ShapeDtypeStruct(mean.shape, jnp.float32)
+    call = jax.ffi.ffi_call(_BACKWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat))
+    outputs = call(x, gy, mean, residual, rstd, weight, gmean, gvar, channels_last=np.int64(channels_last))
+    return match_varying(x, *outputs)[1:]
