@@ -77,6 +77,20 @@ def test_kernel_matches_xla_path_and_float64(rng, case, affine):
         np.testing.assert_allclose(stats[key], stats_xla[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.parametrize("shape, dtype", [((2, 3, 700001), jnp.float32), ((8, 64, 128, 128), jnp.bfloat16)],
+                         ids=["unaligned-rows", "bf16"])
+def test_large_outputs_streamed_past_the_cache_are_exact(rng, shape, dtype):
+    """Outputs of 16 MiB and more take the non-temporal store path (and huge-page advice),
+    rows starting off the vector alignment included."""
+    x = jnp.asarray((rng.normal(size=shape) + 2.0).astype(np.float32), dtype)
+    w, b = rng.normal(size=shape[1]).astype(np.float32), rng.normal(size=shape[1]).astype(np.float32)
+    assert x.nbytes >= 16 * 2**20
+    y, _ = jax.jit(lambda x: _apply(x, w, b))(x)
+    want = np_instance_norm(np.asarray(x, np.float64), w, b)
+    tol = dict(rtol=1e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, **tol)
+
+
 def test_kernel_stays_accurate_far_from_zero(rng):
     x = (rng.normal(size=(2, 4, 32, 32)) + 1e4).astype(np.float32)
     w, b = rng.normal(size=4).astype(np.float32), rng.normal(size=4).astype(np.float32)
