@@ -441,6 +441,19 @@ int64_t ChannelBlocks(const Shape& s) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, s.c / 16));
 }
 
+// Runs body(slab, p, c0, c1) for channels [c0, c1) of every (N) slab, p its
+// leading (vmap) index, the blocks split across threads.
+template <typename Body>
+void ForEachChannelBlock(const Shape& s, int64_t bytes, Body body) {
+  const int64_t blocks = ChannelBlocks(s);
+  ParallelFor(s.p * s.n * blocks, bytes, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t slab = u / blocks, blk = u % blocks;
+      body(slab, slab / s.n, s.c * blk / blocks, s.c * (blk + 1) / blocks);
+    }
+  });
+}
+
 template <typename T>
 void Forward(const Shape& s, int64_t channels_last, float eps, const void* xv, const float* w, const float* b,
              void* yv, float* mean, float* residual, float* var) {
@@ -455,15 +468,9 @@ void Forward(const Shape& s, int64_t channels_last, float eps, const void* xv, c
     });
     return;
   }
-  const int64_t blocks = ChannelBlocks(s);
-  ParallelFor(s.p * s.n * blocks, bytes, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t slab = u / blocks, blk = u % blocks;
-      const int64_t c0 = s.c * blk / blocks, c1 = s.c * (blk + 1) / blocks;
-      const int64_t p = slab / s.n;
-      ForwardSlab<T>(x + slab * s.m * s.c, y + slab * s.m * s.c, s.m, s.c, c0, c1, eps, w + p * s.c,
-                     b + p * s.c, mean + slab * s.c, residual + slab * s.c, var + slab * s.c);
-    }
+  ForEachChannelBlock(s, bytes, [&](int64_t slab, int64_t p, int64_t c0, int64_t c1) {
+    ForwardSlab<T>(x + slab * s.m * s.c, y + slab * s.m * s.c, s.m, s.c, c0, c1, eps, w + p * s.c, b + p * s.c,
+                   mean + slab * s.c, residual + slab * s.c, var + slab * s.c);
   });
 }
 
@@ -607,15 +614,10 @@ void Backward(const Shape& s, int64_t channels_last, const BackwardArgs& args) {
     ParallelFor(instances, bytes, [&](int64_t begin, int64_t end) { BackwardRows<T>(s, begin, end, args); });
     return;
   }
-  const int64_t blocks = ChannelBlocks(s);
-  ParallelFor(s.p * s.n * blocks, bytes, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t slab = u / blocks, blk = u % blocks;
-      const int64_t c0 = s.c * blk / blocks, c1 = s.c * (blk + 1) / blocks;
-      const int64_t p = slab / s.n, off = slab * s.m * s.c, st = slab * s.c;
-      BackwardSlab<T>(x + off, gy + off, gx + off, s.m, s.c, c0, c1, args.mean + st, args.residual + st,
-                      args.rstd + st, args.w + p * s.c, args.gmean + st, args.gvar + st, args.g1 + st, args.g2 + st);
-    }
+  ForEachChannelBlock(s, bytes, [&](int64_t slab, int64_t p, int64_t c0, int64_t c1) {
+    const int64_t off = slab * s.m * s.c, st = slab * s.c;
+    BackwardSlab<T>(x + off, gy + off, gx + off, s.m, s.c, c0, c1, args.mean + st, args.residual + st,
+                    args.rstd + st, args.w + p * s.c, args.gmean + st, args.gvar + st, args.g1 + st, args.g2 + st);
   });
 }
 
