@@ -350,10 +350,9 @@ inline int64_t ParamIndex(const Shape& s, int64_t r) { return (r / (s.n * s.c)) 
 // Rows of M contiguous elements (channels-first), [begin, end) of the
 // (P*N*C, M) view, in groups (see RowGroup).
 template <typename T>
-void ForwardRows(const Shape& s, int64_t begin, int64_t end, float eps, const typename T::Storage* x,
+void ForwardRows(const Shape& s, int64_t begin, int64_t end, bool stream, float eps, const typename T::Storage* x,
                  const float* w, const float* b, typename T::Storage* y, float* mean, float* residual, float* var) {
   const int64_t m = s.m, group = RowGroup(m * sizeof(typename T::Storage));
-  const bool stream = s.p * s.n * s.c * m * static_cast<int64_t>(sizeof(typename T::Storage)) >= kStreamBytes;
   double s1[kGroup], s2[kGroup];
   float k[kGroup], mean_f[kGroup], e[kGroup], a[kGroup], bb[kGroup];
   for (int64_t r0 = begin; r0 < end; r0 += group) {
@@ -464,7 +463,7 @@ void Forward(const Shape& s, int64_t channels_last, float eps, const void* xv, c
   AdviseHugePages(y, bytes);
   if (!channels_last) {
     ParallelFor(instances, bytes, [&](int64_t begin, int64_t end) {
-      ForwardRows<T>(s, begin, end, eps, x, w, b, y, mean, residual, var);
+      ForwardRows<T>(s, begin, end, bytes >= kStreamBytes, eps, x, w, b, y, mean, residual, var);
     });
     return;
   }

@@ -461,12 +461,10 @@ def _kernel_tangent(layout: Layout, x, mean, residual, rstd, weight, dx, dweight
     def per_instance(v):
         return v.reshape(n, c)
 
-    def per_channel(v, fill):
-        return jnp.full((c,), fill, jnp.float32) if v is None else v.astype(jnp.float32).reshape(c)
-
+    per_channel = partial(_native.channel_vector, c=c)
     operands = _native.match_varying(
-        x, per_instance(mean), per_instance(residual), per_instance(rstd), per_channel(weight, 1.0),
-        dx, per_channel(dweight, 0.0), per_channel(dbias, 0.0),
+        x, per_instance(mean), per_instance(residual), per_instance(rstd), per_channel(weight, fill=1.0),
+        dx, per_channel(dweight, fill=0.0), per_channel(dbias, fill=0.0),
     )
     dy, dmean, dvar = _tangent_p.bind(*operands, channels_last=order, leading=0)
     return dy, dmean.reshape(mean.shape), dvar.reshape(mean.shape)

@@ -151,7 +151,8 @@ def match_varying(*values):
     return marked
 
 
-def _vector(v, c: int, fill: float):
+def channel_vector(v, c: int, fill: float):
+    """``v`` as the kernels take weight, bias and their tangents: ``(C,)`` float32, ``fill`` for ``None``."""
     return jnp.full((c,), fill, jnp.float32) if v is None else v.astype(jnp.float32).reshape(c)
 
 
@@ -168,7 +169,7 @@ def forward(x, weight, bias, eps: float, reduce_axes: tuple[int, ...]):
         _FORWARD, (jax.ShapeDtypeStruct(x3.shape, x3.dtype), stat, stat, stat), vmap_method="broadcast_all"
     )
     y, mean, residual, var = match_varying(x, *call(
-        x3, _vector(weight, c, 1.0), _vector(bias, c, 0.0), eps=np.float32(eps), channels_last=np.int64(order)
+        x3, channel_vector(weight, c, 1.0), channel_vector(bias, c, 0.0), eps=np.float32(eps), channels_last=np.int64(order)
     ))[1:]
     stats_shape = tuple(1 if a in reduce_axes else d for a, d in enumerate(x.shape))
     return (y.reshape(x.shape), *(s.reshape(stats_shape) for s in (mean, residual, var)))
