@@ -30,7 +30,7 @@ setup(
             language="c++",
             extra_compile_args=[
                 "-std=c++17", "-O3", f"-march={os.environ.get('LUCID_MARCH', 'native')}",
-                "-fopenmp-simd", "-fvisibility=default", "-w",
+                "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=default", "-w",
             ],
             extra_link_args=["-pthread"],
             optional=True,

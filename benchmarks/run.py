@@ -26,6 +26,12 @@ minimum over the rounds, the least disturbed by other work on the machine.
   parameters, the same program shape as lucid's. Flax keeps no running
   statistics and uses its default fast (one-pass) variance.
 
+The run happens under a steady allocator (``STEADY_ALLOCATOR``: glibc keeps
+and reuses freed memory; the script re-executes itself with those settings),
+so that every contender's time is computation and memory traffic, not the
+kernel zeroing fresh pages for whichever outputs glibc chose to map anew;
+``--system-allocator`` measures under glibc's defaults instead.
+
 Also reported: the temporary memory of each compiled JAX forward+backward (from
 XLA's ``memory_analysis()``, in multiples of the input size) and the accuracy
 on data with mean 1e4 and unit spread against a float64 NumPy reference.
@@ -59,6 +65,20 @@ import torch
 import torch.nn.functional as TF
 
 from cases import FULL_CASES, QUICK_CASES, Case, Inputs, lucid_arrays, lucid_forward, lucid_forward_backward, make_inputs
+
+#: glibc malloc settings (mallopt(3)) under which freed memory stays in the
+#: process and is reused: one arena, no mmap'd chunks, no trimming. Without
+#: them, whether a call's fresh output buffers must be faulted in and zeroed by
+#: the kernel depends on glibc's thresholds (a 32 MiB buffer is always a new
+#: mapping, a 20 MiB one only sometimes), which can cost more than the
+#: computation and swings the copy floor 10x between similar shapes.
+STEADY_ALLOCATOR = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def allocator_mode() -> str:
+    """``steady`` when this process runs under STEADY_ALLOCATOR, else ``system``."""
+    steady = all(os.environ.get(k) == v for k, v in STEADY_ALLOCATOR.items())
+    return "steady" if steady else "system"
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -395,6 +415,14 @@ def target_lines(results: list[CaseResult], errors: dict[str, tuple[float, float
     return lines
 
 
+ALLOCATOR_NOTES = {
+    "steady": "Allocator: steady (glibc keeps and reuses freed memory, so no contender pays for the kernel "
+              "zeroing fresh pages of its outputs; `--system-allocator` measures with glibc's defaults).",
+    "system": "Allocator: glibc defaults (`--system-allocator`): outputs may land on fresh pages, whose "
+              "faults and zeroing are part of the times, the copy's included.",
+}
+
+
 def markdown(results: list[CaseResult], errors: dict[str, tuple[float, float]], accuracy_shape: tuple[int, ...],
              repeats: int, level: int = 2) -> str:
     """The report's body (no title); ``level`` is the heading level of its sections."""
@@ -408,7 +436,7 @@ def markdown(results: list[CaseResult], errors: dict[str, tuple[float, float]], 
         "bf16: bfloat16 input, float32 weight and bias. NHWC: channels-last input "
         "(lucid `channel_axis=-1`; PyTorch a `torch.channels_last` tensor, its output comes back channels-first; "
         "Flax is channels-last in every case). "
-        f"Large inputs (≥ 16 MiB): {large}.",
+        f"Large inputs (≥ 16 MiB): {large}. {ALLOCATOR_NOTES[allocator_mode()]}",
         "",
         f"{h} Forward",
         "",
@@ -487,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="interleaved rounds per case (default 10, quick 2)")
     parser.add_argument("--batch-seconds", type=float, help="target duration of one timed batch (default 0.05)")
     parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="keep glibc's default malloc behaviour (outputs often on fresh pages) instead of "
+                             "running under STEADY_ALLOCATOR")
     args = parser.parse_args(argv)
 
     cases = QUICK_CASES if args.quick else FULL_CASES
@@ -518,4 +549,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if "--system-allocator" not in sys.argv[1:] and allocator_mode() != "steady":
+        # glibc reads these settings when a process starts: run again under them.
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **STEADY_ALLOCATOR})
     sys.exit(main())

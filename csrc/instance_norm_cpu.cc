@@ -26,12 +26,13 @@
 // are their sums over the batch, a small reduction left to XLA.
 //
 // Speed: the row loops use vectors of kWidth floats (16 with AVX-512), four
-// independent accumulators per sum, short rows in groups (see RowGroup), and
+// independent accumulators per sum, short rows in groups (see RowGroup) whose
+// sums reduce kWidth rows at a time (GroupSums), and
 // on CPUs with AVX512-BF16 the hardware float -> bfloat16 conversion (round to
 // nearest even like the portable path, but it flushes results below 2^-126,
-// bfloat16 subnormals, to zero). Large forward outputs are written with
-// non-temporal stores (kStreamBytes), and large outputs are advised onto
-// transparent huge pages (AdviseHugePages).
+// bfloat16 subnormals, to zero). Large outputs are written with non-temporal
+// stores (kStreamBytes) and advised onto transparent huge pages
+// (AdviseHugePages). Threads come from XLA's intra-op pool (ParallelFor).
 //
 // Layouts: attribute channels_last = 0 takes x as (P, N, C, M) flattened to
 // rows of M contiguous elements; channels_last = 1 takes (P, N, M, C). P is a
@@ -39,9 +40,13 @@
 // have P*C elements. Statistics are (P, N, C).
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -171,15 +176,25 @@ inline float HorizontalSum(Vec v) {
 }
 
 // out[i] = fn(a[i], b[i]) for i in [0, m); fn takes and returns floats or
-// Vecs. With stream, the vector stores bypass the caches (see StreamVec).
+// Vecs. With stream, the vector stores bypass the caches (see StreamVec), and
+// a non-null `next` (the input the caller reads after this row, m elements
+// or more) is prefetched alongside: its reads from memory then overlap these
+// writes instead of following them (measured: the forward 10-15% faster on
+// the large benchmark shapes; the backward, with two inputs, was not).
 template <typename T, typename Fn>
 inline void MapRow(typename T::Storage* out, const typename T::Storage* a, const typename T::Storage* b, int64_t m,
-                   bool stream, Fn fn) {
+                   bool stream, Fn fn, const typename T::Storage* next = nullptr) {
   int64_t i = 0;
   if (stream && kCanStream) {
     constexpr uintptr_t kAlign = kWidth * sizeof(typename T::Storage);
     for (; i < m && reinterpret_cast<uintptr_t>(out + i) % kAlign != 0; ++i) {
       T::Store(out, i, fn(T::Load(a, i), T::Load(b, i)));
+    }
+    if (next != nullptr) {
+      for (; i + kWidth <= m; i += kWidth) {
+        __builtin_prefetch(next + i, 0, 3);
+        StreamVec(out, i, fn(LoadVec(a, i), LoadVec(b, i)));
+      }
     }
     for (; i + kWidth <= m; i += kWidth) StreamVec(out, i, fn(LoadVec(a, i), LoadVec(b, i)));
   }
@@ -187,9 +202,9 @@ inline void MapRow(typename T::Storage* out, const typename T::Storage* a, const
   for (; i < m; ++i) T::Store(out, i, fn(T::Load(a, i), T::Load(b, i)));
 }
 
-// Forward outputs at least this large are written with non-temporal stores:
-// they would not stay in cache for their consumer anyway (measured: the
-// forward of the large benchmark shapes 15-30% faster).
+// Row-layout outputs at least this large are written with non-temporal
+// stores: they would not stay in cache for their consumer anyway (measured on
+// the large benchmark shapes: forward 15-30% faster, backward about 10%).
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
 // s1 = sum of u, s2 = sum of v over i in [0, m), where terms(a_i, b_i, u, v)
@@ -235,9 +250,170 @@ inline void RowSums(const typename T::Storage* a, const typename T::Storage* b, 
   *s2 = t2 + b2;
 }
 
+// Lane j of the result is the sum of the lanes of v[j]: kWidth horizontal
+// sums at once, in log2(kWidth) rounds of two permutes and one addition per
+// pair of vectors (each round halves the vectors and doubles the rows per
+// vector; pairing j with j + count/2 keeps the rows in order). The permute
+// indices of round h, into the concatenation of a pair (a, b): in each block
+// of 2h lanes, lo takes the first h lanes of a's block then of b's, hi the
+// last h lanes of each.
+struct PairMasks {
+  int32_t lo[kWidth], hi[kWidth];
+};
+constexpr PairMasks MakePairMasks(int h) {
+  PairMasks p{};
+  for (int l = 0; l < kWidth; ++l) {
+    const int base = l / (2 * h) * (2 * h), off = l % (2 * h);
+    p.lo[l] = off < h ? base + off : kWidth + base + off - h;
+    p.hi[l] = off < h ? base + h + off : kWidth + base + off;
+  }
+  return p;
+}
+
+template <int H>
+inline void PairRound(Vec* v) {
+  static constexpr PairMasks kMasks = MakePairMasks(H);
+  VecI32 lo, hi;
+  std::memcpy(&lo, kMasks.lo, sizeof(lo));
+  std::memcpy(&hi, kMasks.hi, sizeof(hi));
+  for (int j = 0; j < H; ++j) {
+    const Vec a = v[j], b = v[j + H];
+    v[j] = __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+  }
+  if constexpr (H > 1) PairRound<H / 2>(v);
+}
+
+inline Vec TransposeSum(Vec* v) {
+  PairRound<kWidth / 2>(v);
+  return v[0];
+}
+
+// {0, 1, ..., kWidth - 1}.
+inline VecI32 Iota() {
+  static constexpr PairMasks kIota = MakePairMasks(kWidth);  // lo of one round spanning the vector
+  VecI32 v;
+  std::memcpy(&v, kIota.lo, sizeof(v));
+  return v;
+}
+
+// The per-lane partial sums (u, v) of terms over one row of m <= kBlock
+// elements; a partial last vector is padded and its extra lanes dropped.
+template <typename T, typename Terms>
+inline void RowPartials(const typename T::Storage* a, const typename T::Storage* b, int64_t m, Terms terms, Vec* u,
+                        Vec* v) {
+  Vec u0 = {}, v0 = {}, u1 = {}, v1 = {};
+  int64_t i = 0;
+  for (; i + 2 * kWidth <= m; i += 2 * kWidth) {
+    Vec p, q;
+    terms(LoadVec(a, i), LoadVec(b, i), p, q);
+    u0 += p;
+    v0 += q;
+    terms(LoadVec(a, i + kWidth), LoadVec(b, i + kWidth), p, q);
+    u1 += p;
+    v1 += q;
+  }
+  if (i + kWidth <= m) {
+    Vec p, q;
+    terms(LoadVec(a, i), LoadVec(b, i), p, q);
+    u0 += p;
+    v0 += q;
+    i += kWidth;
+  }
+  if (i < m) {
+    typename T::Storage ta[kWidth] = {}, tb[kWidth] = {};
+    std::memcpy(ta, a + i, (m - i) * sizeof(ta[0]));
+    std::memcpy(tb, b + i, (m - i) * sizeof(tb[0]));
+    const VecU32 keep = reinterpret_cast<VecU32>(Iota() < static_cast<int32_t>(m - i));
+    Vec p, q;
+    terms(LoadVec(ta, 0), LoadVec(tb, 0), p, q);
+    u1 += reinterpret_cast<Vec>(reinterpret_cast<VecU32>(p) & keep);
+    v1 += reinterpret_cast<Vec>(reinterpret_cast<VecU32>(q) & keep);
+  }
+  *u = u0 + u1;
+  *v = v0 + v1;
+}
+
+// RowSums for `rows` consecutive rows of m elements (a group, see RowGroup):
+// terms(j, a_i, b_i, u, v) gives the pair of row j. Rows longer than kBlock go
+// one by one; shorter ones (wholly float, as in RowSums) reduce kWidth rows
+// at a time with TransposeSum, where one horizontal sum per row would cost as
+// much as the row itself.
+template <typename T, typename Terms>
+inline void GroupSums(const typename T::Storage* a, const typename T::Storage* b, int64_t m, int64_t rows,
+                      Terms terms, double* s1, double* s2) {
+  if (m > kBlock) {
+    for (int64_t j = 0; j < rows; ++j) {
+      RowSums<T>(
+          a + j * m, b + j * m, m, [&terms, j](auto x, auto y, auto& u, auto& v) { terms(j, x, y, u, v); }, &s1[j],
+          &s2[j]);
+    }
+    return;
+  }
+  for (int64_t j0 = 0; j0 < rows; j0 += kWidth) {
+    Vec u[kWidth], v[kWidth];
+    const int64_t count = std::min<int64_t>(kWidth, rows - j0);
+    for (int64_t j = count; j < kWidth; ++j) u[j] = v[j] = Vec{};
+    for (int64_t j = 0; j < count; ++j) {
+      RowPartials<T>(
+          a + (j0 + j) * m, b + (j0 + j) * m, m,
+          [&terms, j0, j](auto x, auto y, auto& p, auto& q) { terms(j0 + j, x, y, p, q); }, &u[j], &v[j]);
+    }
+    float f1[kWidth], f2[kWidth];
+    const Vec t1 = TransposeSum(u), t2 = TransposeSum(v);
+    std::memcpy(f1, &t1, sizeof(f1));
+    std::memcpy(f2, &t2, sizeof(f2));
+    for (int64_t j = 0; j < count; ++j) {
+      s1[j0 + j] = f1[j];
+      s2[j0 + j] = f2[j];
+    }
+  }
+}
+
+// Channels-last work goes over a slab of rows of C channels (stride c) in
+// blocks of kBlock rows and, within a block, in channel groups of up to
+// kSlabVecs vectors, whose sums (or coefficients) stay in registers down the
+// block's rows. group(nv, j0) is called for groups of nv =
+// std::integral_constant<int, NV> vectors starting at channel j0, covering the
+// whole vectors of [0, width); the return value is the first channel past
+// them (the rest, under kWidth channels, is left to the caller).
+constexpr int kSlabVecs = 4;
+
+template <typename Group>
+inline int64_t ForEachChannelGroup(int64_t width, Group&& group) {
+  int64_t j0 = 0;
+  for (; j0 + kSlabVecs * kWidth <= width; j0 += kSlabVecs * kWidth) {
+    group(std::integral_constant<int, kSlabVecs>{}, j0);
+  }
+  switch ((width - j0) / kWidth) {
+    case 3:
+      group(std::integral_constant<int, 3>{}, j0);
+      return j0 + 3 * kWidth;
+    case 2:
+      group(std::integral_constant<int, 2>{}, j0);
+      return j0 + 2 * kWidth;
+    case 1:
+      group(std::integral_constant<int, 1>{}, j0);
+      return j0 + kWidth;
+    default:
+      return j0;
+  }
+}
+
+// p[j, j + kWidth) as a Vec, or p[j] as a float: per-channel constants in the
+// shape of the data they meet.
+template <typename V>
+inline V Lanes(const float* p, int64_t j) {
+  if constexpr (std::is_same_v<V, Vec>) {
+    return LoadVec(p, j);
+  } else {
+    return p[j];
+  }
+}
+
 // The channels-last counterpart of RowSums: per channel j in [0, width), the
-// sums of terms(j, a_ij, b_ij, u, v) over the m rows (stride c) of a and b,
-// in float over kBlock rows at a time and in double across them.
+// sums of terms(j, a_ij, b_ij, u, v) over the m rows (stride c) of a and b
+// (j the first channel of a Vec of channels, or of one float), in float over
+// kBlock rows at a time and in double across them.
 template <typename T, typename Terms>
 void SlabSums(const typename T::Storage* a, const typename T::Storage* b, int64_t m, int64_t c, int64_t width,
               Terms terms, double* s1, double* s2) {
@@ -245,19 +421,33 @@ void SlabSums(const typename T::Storage* a, const typename T::Storage* b, int64_
   std::fill(s1, s1 + width, 0.0);
   std::fill(s2, s2 + width, 0.0);
   for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
-    std::fill(f1.begin(), f1.end(), 0.0f);
-    std::fill(f2.begin(), f2.end(), 0.0f);
-    float* __restrict p1 = f1.data();
-    float* __restrict p2 = f2.data();
-    for (int64_t i = i0; i < std::min(m, i0 + kBlock); ++i) {
-      const typename T::Storage* ar = a + i * c;
-      const typename T::Storage* br = b + i * c;
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
+    const int64_t i1 = std::min(m, i0 + kBlock);
+    const int64_t tail = ForEachChannelGroup(width, [&](auto nv, int64_t j0) {
+      constexpr int NV = decltype(nv)::value;
+      Vec u[NV] = {}, v[NV] = {};
+      for (int64_t i = i0; i < i1; ++i) {
+        const typename T::Storage* ar = a + i * c + j0;
+        const typename T::Storage* br = b + i * c + j0;
+        for (int q = 0; q < NV; ++q) {
+          Vec p, r;
+          terms(j0 + q * kWidth, LoadVec(ar, q * kWidth), LoadVec(br, q * kWidth), p, r);
+          u[q] += p;
+          v[q] += r;
+        }
+      }
+      for (int q = 0; q < NV; ++q) {
+        StoreVec(f1.data(), j0 + q * kWidth, u[q]);
+        StoreVec(f2.data(), j0 + q * kWidth, v[q]);
+      }
+    });
+    std::fill(f1.begin() + tail, f1.end(), 0.0f);
+    std::fill(f2.begin() + tail, f2.end(), 0.0f);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = tail; j < width; ++j) {
         float u, v;
-        terms(j, T::Load(ar, j), T::Load(br, j), u, v);
-        p1[j] += u;
-        p2[j] += v;
+        terms(j, T::Load(a + i * c, j), T::Load(b + i * c, j), u, v);
+        f1[j] += u;
+        f2[j] += v;
       }
     }
     for (int64_t j = 0; j < width; ++j) {
@@ -265,6 +455,50 @@ void SlabSums(const typename T::Storage* a, const typename T::Storage* b, int64_
       s2[j] += f2[j];
     }
   }
+}
+
+// The channels-last counterpart of MapRow: out_ij = fn(a_ij, b_ij, k) over m
+// rows (stride c) and channels [0, width), where k points to the channel's
+// (or Vec of channels') four constants, one from each of coef[0..3]. With
+// stream, vector stores bypass the caches (rows and out aligned to them).
+template <typename T, typename Fn>
+void SlabMap(typename T::Storage* out, const typename T::Storage* a, const typename T::Storage* b, int64_t m,
+             int64_t c, int64_t width, const float* const (&coef)[4], bool stream, Fn fn) {
+  for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
+    const int64_t i1 = std::min(m, i0 + kBlock);
+    const int64_t tail = ForEachChannelGroup(width, [&](auto nv, int64_t j0) {
+      constexpr int NV = decltype(nv)::value;
+      Vec k[NV][4];
+      for (int q = 0; q < NV; ++q) {
+        for (int t = 0; t < 4; ++t) k[q][t] = LoadVec(coef[t], j0 + q * kWidth);
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        const typename T::Storage* ar = a + i * c + j0;
+        const typename T::Storage* br = b + i * c + j0;
+        typename T::Storage* outr = out + i * c + j0;
+        for (int q = 0; q < NV; ++q) {
+          const Vec r = fn(LoadVec(ar, q * kWidth), LoadVec(br, q * kWidth), k[q]);
+          if (stream) {
+            StreamVec(outr, q * kWidth, r);
+          } else {
+            StoreVec(outr, q * kWidth, r);
+          }
+        }
+      }
+    });
+    for (int64_t j = tail; j < width; ++j) {
+      const float k[4] = {coef[0][j], coef[1][j], coef[2][j], coef[3][j]};
+      for (int64_t i = i0; i < i1; ++i) T::Store(out + i * c, j, fn(T::Load(a + i * c, j), T::Load(b + i * c, j), k));
+    }
+  }
+  if (stream) StreamFence();
+}
+
+// Whether SlabMap may stream into out (channel block start) with row stride c.
+template <typename S>
+inline bool CanStreamSlab(const S* out, int64_t c, int64_t out_bytes) {
+  return kCanStream && out_bytes >= kStreamBytes && c % kWidth == 0 &&
+         reinterpret_cast<uintptr_t>(out) % (kWidth * sizeof(S)) == 0;
 }
 
 // ---------------------------------------------------------------- memory --
@@ -290,24 +524,46 @@ void AdviseHugePages(void* data, int64_t bytes) {
 
 // ------------------------------------------------------------- threading --
 
-// Runs body(begin, end) over [0, units) split into contiguous ranges, one per
-// thread. Small problems stay on the calling thread.
+// Helper threads for ParallelFor: `schedule` runs a task on another thread
+// (in the FFI handlers, XLA's intra-op pool, so lucid starts no threads of its
+// own and shares the cores with the rest of the program), `helpers` says how
+// many may run at once.
+struct Workers {
+  int64_t helpers = 0;
+  std::function<void(std::function<void()>)> schedule;
+};
+
+// Runs body(begin, end) over [0, units) in contiguous chunks, claimed from a
+// shared counter by the calling thread and by up to `helpers` tasks. The
+// caller claims chunks too, so the work completes even when no task ever
+// starts (a busy pool, or one that runs tasks inline), and it returns once
+// every claimed chunk is done: a task that starts later finds no chunk left
+// and touches only the counters, which it co-owns. Small problems stay on the
+// calling thread.
 template <typename Body>
-void ParallelFor(int64_t units, int64_t bytes, Body body) {
-  static const int64_t kThreads = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  constexpr int64_t kMinBytesPerThread = int64_t{1} << 18;
-  int64_t threads = std::min<int64_t>({kThreads, units, std::max<int64_t>(1, bytes / kMinBytesPerThread)});
-  if (threads <= 1) {
+void ParallelFor(const Workers& workers, int64_t units, int64_t bytes, Body body) {
+  static const int64_t kCores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  constexpr int64_t kMinBytesPerChunk = int64_t{1} << 18;
+  const int64_t threads = std::min<int64_t>({kCores, 1 + workers.helpers, units});
+  // One chunk per thread (measured: finer chunks slowed the backward).
+  const int64_t chunks = std::min<int64_t>(threads, bytes / kMinBytesPerChunk);
+  if (threads <= 1 || chunks <= 1 || !workers.schedule) {
     body(int64_t{0}, units);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int64_t t = 1; t < threads; ++t) {
-    pool.emplace_back(body, units * t / threads, units * (t + 1) / threads);
-  }
-  body(int64_t{0}, units / threads);
-  for (auto& th : pool) th.join();
+  struct Counters {
+    std::atomic<int64_t> next{0}, active{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  const int64_t chunk = (units + chunks - 1) / chunks;
+  auto drain = [counters, units, chunk, b = &body] {
+    counters->active.fetch_add(1);
+    for (int64_t u; (u = counters->next.fetch_add(chunk)) < units;) (*b)(u, std::min(u + chunk, units));
+    counters->active.fetch_sub(1);
+  };
+  for (int64_t t = 1; t < threads; ++t) workers.schedule(drain);
+  drain();
+  while (counters->active.load() != 0) std::this_thread::yield();
 }
 
 struct Shape {
@@ -342,8 +598,21 @@ inline int64_t RowGroup(int64_t row_bytes) {
   return std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(row_bytes, 1), 1, kGroup);
 }
 
-// Index into weight (P*C) of row r of the (P*N*C, M) view.
-inline int64_t ParamIndex(const Shape& s, int64_t r) { return (r / (s.n * s.c)) * s.c + r % s.c; }
+// The indices into weight (P*C) of rows [r0, r0 + rows) of the (P*N*C, M)
+// view (two divisions per group rather than per row).
+inline void ParamIndices(const Shape& s, int64_t r0, int64_t rows, int64_t* pc) {
+  int64_t c = r0 % s.c, q = r0 / s.c, n = q % s.n, p = q / s.n;
+  for (int64_t j = 0; j < rows; ++j) {
+    pc[j] = p * s.c + c;
+    if (++c == s.c) {
+      c = 0;
+      if (++n == s.n) {
+        n = 0;
+        ++p;
+      }
+    }
+  }
+}
 
 // --------------------------------------------------------------- forward --
 
@@ -353,37 +622,43 @@ template <typename T>
 void ForwardRows(const Shape& s, int64_t begin, int64_t end, bool stream, float eps, const typename T::Storage* x,
                  const float* w, const float* b, typename T::Storage* y, float* mean, float* residual, float* var) {
   const int64_t m = s.m, group = RowGroup(m * sizeof(typename T::Storage));
-  double s1[kGroup], s2[kGroup];
-  float k[kGroup], mean_f[kGroup], e[kGroup], a[kGroup], bb[kGroup];
+  const double inv_m = 1.0 / m;
+  double s1[kGroup] = {}, s2[kGroup] = {};
+  float k[kGroup] = {}, mean_f[kGroup], e[kGroup], var_f[kGroup], r[kGroup];
+  int64_t pc[kGroup];
   for (int64_t r0 = begin; r0 < end; r0 += group) {
     const int64_t rows = std::min(group, end - r0);
-    for (int64_t j = 0; j < rows; ++j) {
-      const typename T::Storage* row = x + (r0 + j) * m;
-      const float kj = k[j] = T::Load(row, 0);
-      RowSums<T>(
-          row, row, m,
-          [kj](auto xi, auto, auto& u, auto& v) {
-            const auto d = xi - kj;
-            u = d;
-            v = d * d;
-          },
-          &s1[j], &s2[j]);
-    }
-    for (int64_t j = 0; j < rows; ++j) {
-      const int64_t r = r0 + j, pc = ParamIndex(s, r);
-      const double md = s1[j] / m;
-      const double v = std::max(s2[j] / m - md * md, 0.0);
+    const typename T::Storage* xg = x + r0 * m;
+    for (int64_t j = 0; j < rows; ++j) k[j] = T::Load(xg + j * m, 0);
+    GroupSums<T>(
+        xg, xg, m, rows,
+        [&k](int64_t j, auto xi, auto, auto& u, auto& v) {
+          const auto d = xi - k[j];
+          u = d;
+          v = d * d;
+        },
+        s1, s2);
+    // Every slot, a fixed trip count that vectorizes; slots past `rows` are unused.
+#pragma omp simd
+    for (int64_t j = 0; j < kGroup; ++j) {
+      const double md = s1[j] * inv_m;
+      const double d = s2[j] * inv_m - md * md, v = d > 0.0 ? d : 0.0;
       const double mu = k[j] + md;
-      mean[r] = mean_f[j] = static_cast<float>(mu);
-      residual[r] = e[j] = static_cast<float>(mu - mean_f[j]);
-      var[r] = static_cast<float>(v);
-      a[j] = static_cast<float>(1.0 / std::sqrt(v + eps)) * w[pc];
-      bb[j] = b[pc];
+      mean_f[j] = static_cast<float>(mu);
+      e[j] = static_cast<float>(mu - static_cast<double>(mean_f[j]));
+      var_f[j] = static_cast<float>(v);
+      r[j] = static_cast<float>(1.0 / std::sqrt(v + eps));
     }
+    ParamIndices(s, r0, rows, pc);
+    std::copy(mean_f, mean_f + rows, mean + r0);
+    std::copy(e, e + rows, residual + r0);
+    std::copy(var_f, var_f + rows, var + r0);
     for (int64_t j = 0; j < rows; ++j) {
-      const float mf = mean_f[j], ej = e[j], aj = a[j], bj = bb[j];
-      MapRow<T>(y + (r0 + j) * m, x + (r0 + j) * m, x + (r0 + j) * m, m, stream,
-                [=](auto xi, auto) { return ((xi - mf) - ej) * aj + bj; });
+      const float mf = mean_f[j], ej = e[j], aj = r[j] * w[pc[j]], bj = b[pc[j]];
+      // Row j of the next group, if this thread has one.
+      const typename T::Storage* next = r0 + rows + j < end ? xg + (rows + j) * m : nullptr;
+      MapRow<T>(y + (r0 + j) * m, xg + j * m, xg + j * m, m, stream,
+                [=](auto xi, auto) { return ((xi - mf) - ej) * aj + bj; }, next);
     }
   }
   if (stream) StreamFence();
@@ -392,16 +667,16 @@ void ForwardRows(const Shape& s, int64_t begin, int64_t end, bool stream, float 
 // One (n) slab of M rows of C contiguous channels (channels-last), channels [c0, c1).
 template <typename T>
 void ForwardSlab(const typename T::Storage* x, typename T::Storage* y, int64_t m, int64_t c, int64_t c0,
-                 int64_t c1, float eps, const float* w, const float* b, float* mean_out, float* residual_out,
-                 float* var_out) {
+                 int64_t c1, bool stream, float eps, const float* w, const float* b, float* mean_out,
+                 float* residual_out, float* var_out) {
   const int64_t width = c1 - c0;
   std::vector<double> s1(width), s2(width);
   std::vector<float> k(width), mean_f(width), e(width), a(width), bb(width);
   for (int64_t j = 0; j < width; ++j) k[j] = T::Load(x, c0 + j);
   SlabSums<T>(
       x + c0, x + c0, m, c, width,
-      [&k](int64_t j, float xj, float, float& u, float& v) {
-        const float d = xj - k[j];
+      [k = k.data()](int64_t j, auto xj, auto, auto& u, auto& v) {
+        const auto d = xj - Lanes<decltype(xj)>(k, j);
         u = d;
         v = d * d;
       },
@@ -419,14 +694,9 @@ void ForwardSlab(const typename T::Storage* x, typename T::Storage* y, int64_t m
     residual_out[c0 + j] = e[j];
     var_out[c0 + j] = static_cast<float>(var);
   }
-  for (int64_t i = 0; i < m; ++i) {
-    const typename T::Storage* row = x + i * c + c0;
-    typename T::Storage* out = y + i * c + c0;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      T::Store(out, j, ((T::Load(row, j) - mean_f[j]) - e[j]) * a[j] + bb[j]);
-    }
-  }
+  const float* const coef[4] = {mean_f.data(), e.data(), a.data(), bb.data()};
+  SlabMap<T>(y + c0, x + c0, x + c0, m, c, width, coef, stream,
+             [](auto xi, auto, const auto* k) { return ((xi - k[0]) - k[1]) * k[2] + k[3]; });
 }
 
 // Channel blocks per slab for channels-last work: enough units to keep every
@@ -440,21 +710,28 @@ int64_t ChannelBlocks(const Shape& s) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, s.c / 16));
 }
 
+// The first channel of block blk of `blocks` over c channels: a multiple of
+// kWidth (whole vectors, aligned stores) except at the end. ChannelBlocks
+// leaves every block at least 16 channels wide, so none ends up empty.
+inline int64_t BlockStart(int64_t c, int64_t blk, int64_t blocks) {
+  return blk == blocks ? c : c * blk / blocks / kWidth * kWidth;
+}
+
 // Runs body(slab, p, c0, c1) for channels [c0, c1) of every (N) slab, p its
 // leading (vmap) index, the blocks split across threads.
 template <typename Body>
-void ForEachChannelBlock(const Shape& s, int64_t bytes, Body body) {
+void ForEachChannelBlock(const Workers& workers, const Shape& s, int64_t bytes, Body body) {
   const int64_t blocks = ChannelBlocks(s);
-  ParallelFor(s.p * s.n * blocks, bytes, [&](int64_t begin, int64_t end) {
+  ParallelFor(workers, s.p * s.n * blocks, bytes, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t slab = u / blocks, blk = u % blocks;
-      body(slab, slab / s.n, s.c * blk / blocks, s.c * (blk + 1) / blocks);
+      body(slab, slab / s.n, BlockStart(s.c, blk, blocks), BlockStart(s.c, blk + 1, blocks));
     }
   });
 }
 
 template <typename T>
-void Forward(const Shape& s, int64_t channels_last, float eps, const void* xv, const float* w, const float* b,
+void Forward(const Workers& workers, const Shape& s, int64_t channels_last, float eps, const void* xv, const float* w, const float* b,
              void* yv, float* mean, float* residual, float* var) {
   auto* x = static_cast<const typename T::Storage*>(xv);
   auto* y = static_cast<typename T::Storage*>(yv);
@@ -462,32 +739,41 @@ void Forward(const Shape& s, int64_t channels_last, float eps, const void* xv, c
   const int64_t bytes = instances * s.m * static_cast<int64_t>(sizeof(typename T::Storage));
   AdviseHugePages(y, bytes);
   if (!channels_last) {
-    ParallelFor(instances, bytes, [&](int64_t begin, int64_t end) {
+    ParallelFor(workers, instances, bytes, [&](int64_t begin, int64_t end) {
       ForwardRows<T>(s, begin, end, bytes >= kStreamBytes, eps, x, w, b, y, mean, residual, var);
     });
     return;
   }
-  ForEachChannelBlock(s, bytes, [&](int64_t slab, int64_t p, int64_t c0, int64_t c1) {
-    ForwardSlab<T>(x + slab * s.m * s.c, y + slab * s.m * s.c, s.m, s.c, c0, c1, eps, w + p * s.c, b + p * s.c,
-                   mean + slab * s.c, residual + slab * s.c, var + slab * s.c);
+  ForEachChannelBlock(workers, s, bytes, [&](int64_t slab, int64_t p, int64_t c0, int64_t c1) {
+    typename T::Storage* out = y + slab * s.m * s.c;
+    ForwardSlab<T>(x + slab * s.m * s.c, out, s.m, s.c, c0, c1, CanStreamSlab(out + c0, s.c, bytes), eps,
+                   w + p * s.c, b + p * s.c, mean + slab * s.c, residual + slab * s.c, var + slab * s.c);
   });
 }
 
-ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+// Workers on XLA's intra-op thread pool; the handler's own thread is one of
+// the pool's threads or waits on them, so at most num_threads - 1 helpers.
+Workers PoolWorkers(ffi::ThreadPool& pool) {
+  return {std::max<int64_t>(0, pool.num_threads() - 1),
+          [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); }};
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
                        ffi::Result<ffi::AnyBuffer> y, ffi::ResultBuffer<ffi::F32> mean,
                        ffi::ResultBuffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> var, float eps,
                        int64_t channels_last) {
   Shape s;
   if (auto err = ReadShape(x.dimensions(), channels_last, w.element_count(), &s); err.failure()) return err;
+  const Workers workers = PoolWorkers(pool);
   if (b.element_count() != w.element_count()) return ffi::Error::InvalidArgument("lucid kernel: bias size");
   if (s.m <= 0) return ffi::Error::Success();
   switch (x.element_type()) {
     case ffi::F32:
-      Forward<F32>(s, channels_last, eps, x.untyped_data(), w.typed_data(), b.typed_data(), y->untyped_data(),
+      Forward<F32>(workers, s, channels_last, eps, x.untyped_data(), w.typed_data(), b.typed_data(), y->untyped_data(),
                    mean->typed_data(), residual->typed_data(), var->typed_data());
       return ffi::Error::Success();
     case ffi::BF16:
-      Forward<BF16>(s, channels_last, eps, x.untyped_data(), w.typed_data(), b.typed_data(), y->untyped_data(),
+      Forward<BF16>(workers, s, channels_last, eps, x.untyped_data(), w.typed_data(), b.typed_data(), y->untyped_data(),
                     mean->typed_data(), residual->typed_data(), var->typed_data());
       return ffi::Error::Success();
     default:
@@ -528,57 +814,58 @@ struct BackwardArgs {
 };
 
 template <typename T>
-void BackwardRows(const Shape& s, int64_t begin, int64_t end, const BackwardArgs& args) {
+void BackwardRows(const Shape& s, int64_t begin, int64_t end, bool stream, const BackwardArgs& args) {
   auto* x = static_cast<const typename T::Storage*>(args.x);
   auto* gy = static_cast<const typename T::Storage*>(args.gy);
   auto* gx = static_cast<typename T::Storage*>(args.gx);
-  // Normal stores: measured, non-temporal ones slowed the forward+backward.
   const int64_t m = s.m, group = RowGroup(2 * m * sizeof(typename T::Storage));
   double g1[kGroup], g2[kGroup];
+  float mf[kGroup], ef[kGroup];
+  int64_t pc[kGroup];
   BackwardCoefficients k[kGroup];
   for (int64_t r0 = begin; r0 < end; r0 += group) {
     const int64_t rows = std::min(group, end - r0);
-    for (int64_t j = 0; j < rows; ++j) {
-      const int64_t r = r0 + j;
-      const float mf = args.mean[r], e = args.residual[r];
-      RowSums<T>(
-          gy + r * m, x + r * m, m,
-          [mf, e](auto g, auto xi, auto& u, auto& v) {
-            u = g;
-            v = g * ((xi - mf) - e);
-          },
-          &g1[j], &g2[j]);
-    }
+    std::copy(args.mean + r0, args.mean + r0 + rows, mf);
+    std::copy(args.residual + r0, args.residual + r0 + rows, ef);
+    GroupSums<T>(
+        gy + r0 * m, x + r0 * m, m, rows,
+        [&mf, &ef](int64_t j, auto g, auto xi, auto& u, auto& v) {
+          u = g;
+          v = g * ((xi - mf[j]) - ef[j]);
+        },
+        g1, g2);
+    ParamIndices(s, r0, rows, pc);
     for (int64_t j = 0; j < rows; ++j) {
       const int64_t r = r0 + j;
       g2[j] *= args.rstd[r];
-      k[j] = Coefficients(g1[j], g2[j], m, args.residual[r], args.rstd[r], args.w[ParamIndex(s, r)],
-                          args.gmean[r], args.gvar[r]);
+      k[j] = Coefficients(g1[j], g2[j], m, ef[j], args.rstd[r], args.w[pc[j]], args.gmean[r], args.gvar[r]);
       args.g1[r] = static_cast<float>(g1[j]);
       args.g2[r] = static_cast<float>(g2[j]);
     }
     for (int64_t j = 0; j < rows; ++j) {
       const int64_t r = r0 + j;
-      const float mf = args.mean[r];
+      const float mfj = mf[j];
       const BackwardCoefficients kj = k[j];
-      MapRow<T>(gx + r * m, gy + r * m, x + r * m, m, false,
-                [=](auto g, auto xi) { return g * kj.a + (xi - mf) * kj.q + kj.z; });
+      MapRow<T>(gx + r * m, gy + r * m, x + r * m, m, stream,
+                [=](auto g, auto xi) { return g * kj.a + (xi - mfj) * kj.q + kj.z; });
     }
   }
+  if (stream) StreamFence();
 }
 
 template <typename T>
 void BackwardSlab(const typename T::Storage* x, const typename T::Storage* gy, typename T::Storage* gx, int64_t m,
-                  int64_t c, int64_t c0, int64_t c1, const float* mean_f, const float* e, const float* r,
-                  const float* w, const float* gm, const float* gv, float* g1_out, float* g2_out) {
+                  int64_t c, int64_t c0, int64_t c1, bool stream, const float* mean_f, const float* e,
+                  const float* r, const float* w, const float* gm, const float* gv, float* g1_out, float* g2_out) {
   const int64_t width = c1 - c0;
   std::vector<double> s1(width), s2(width);
   std::vector<float> a(width), q(width), z(width), mf(mean_f + c0, mean_f + c1), ef(e + c0, e + c1);
   SlabSums<T>(
       gy + c0, x + c0, m, c, width,
-      [&mf, &ef](int64_t j, float g, float xj, float& u, float& v) {
+      [mf = mf.data(), ef = ef.data()](int64_t j, auto g, auto xj, auto& u, auto& v) {
+        using V = decltype(g);
         u = g;
-        v = g * ((xj - mf[j]) - ef[j]);
+        v = g * ((xj - Lanes<V>(mf, j)) - Lanes<V>(ef, j));
       },
       s1.data(), s2.data());
   for (int64_t j = 0; j < width; ++j) {
@@ -590,42 +877,41 @@ void BackwardSlab(const typename T::Storage* x, const typename T::Storage* gy, t
     g1_out[c0 + j] = static_cast<float>(s1[j]);
     g2_out[c0 + j] = static_cast<float>(g2);
   }
-  for (int64_t i = 0; i < m; ++i) {
-    const typename T::Storage* xrow = x + i * c + c0;
-    const typename T::Storage* grow = gy + i * c + c0;
-    typename T::Storage* out = gx + i * c + c0;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      T::Store(out, j, T::Load(grow, j) * a[j] + (T::Load(xrow, j) - mf[j]) * q[j] + z[j]);
-    }
-  }
+  const float* const coef[4] = {a.data(), mf.data(), q.data(), z.data()};
+  SlabMap<T>(gx + c0, gy + c0, x + c0, m, c, width, coef, stream,
+             [](auto g, auto xi, const auto* k) { return g * k[0] + (xi - k[1]) * k[2] + k[3]; });
 }
 
 template <typename T>
-void Backward(const Shape& s, int64_t channels_last, const BackwardArgs& args) {
+void Backward(const Workers& workers, const Shape& s, int64_t channels_last, const BackwardArgs& args) {
   auto* x = static_cast<const typename T::Storage*>(args.x);
   auto* gy = static_cast<const typename T::Storage*>(args.gy);
   auto* gx = static_cast<typename T::Storage*>(args.gx);
   const int64_t instances = s.p * s.n * s.c;
-  const int64_t bytes = 3 * instances * s.m * static_cast<int64_t>(sizeof(typename T::Storage));
-  AdviseHugePages(gx, bytes / 3);
+  const int64_t out_bytes = instances * s.m * static_cast<int64_t>(sizeof(typename T::Storage));
+  const int64_t bytes = 3 * out_bytes;
+  AdviseHugePages(gx, out_bytes);
   if (!channels_last) {
-    ParallelFor(instances, bytes, [&](int64_t begin, int64_t end) { BackwardRows<T>(s, begin, end, args); });
+    ParallelFor(workers, instances, bytes, [&](int64_t begin, int64_t end) {
+      BackwardRows<T>(s, begin, end, out_bytes >= kStreamBytes, args);
+    });
     return;
   }
-  ForEachChannelBlock(s, bytes, [&](int64_t slab, int64_t p, int64_t c0, int64_t c1) {
+  ForEachChannelBlock(workers, s, bytes, [&](int64_t slab, int64_t p, int64_t c0, int64_t c1) {
     const int64_t off = slab * s.m * s.c, st = slab * s.c;
-    BackwardSlab<T>(x + off, gy + off, gx + off, s.m, s.c, c0, c1, args.mean + st, args.residual + st,
+    BackwardSlab<T>(x + off, gy + off, gx + off, s.m, s.c, c0, c1, CanStreamSlab(gx + off + c0, s.c, out_bytes),
+                    args.mean + st, args.residual + st,
                     args.rstd + st, args.w + p * s.c, args.gmean + st, args.gvar + st, args.g1 + st, args.g2 + st);
   });
 }
 
-ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gy, ffi::Buffer<ffi::F32> mean,
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, ffi::Buffer<ffi::F32> mean,
                         ffi::Buffer<ffi::F32> residual, ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> w,
                         ffi::Buffer<ffi::F32> gmean, ffi::Buffer<ffi::F32> gvar, ffi::Result<ffi::AnyBuffer> gx,
                         ffi::ResultBuffer<ffi::F32> g1, ffi::ResultBuffer<ffi::F32> g2, int64_t channels_last) {
   Shape s;
   if (auto err = ReadShape(x.dimensions(), channels_last, w.element_count(), &s); err.failure()) return err;
+  const Workers workers = PoolWorkers(pool);
   const int64_t instances = s.p * s.n * s.c;
   for (size_t size : {mean.element_count(), residual.element_count(), rstd.element_count(),
                       gmean.element_count(), gvar.element_count()}) {
@@ -643,10 +929,10 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gy, ffi::Buffer<ffi::F3
                           g1->typed_data(),      g2->typed_data()};
   switch (x.element_type()) {
     case ffi::F32:
-      Backward<F32>(s, channels_last, args);
+      Backward<F32>(workers, s, channels_last, args);
       return ffi::Error::Success();
     case ffi::BF16:
-      Backward<BF16>(s, channels_last, args);
+      Backward<BF16>(workers, s, channels_last, args);
       return ffi::Error::Success();
     default:
       return ffi::Error::InvalidArgument("lucid kernel: x must be float32 or bfloat16");
@@ -657,6 +943,7 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gy, ffi::Buffer<ffi::F3
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LucidInstanceNormForward, ForwardImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -669,6 +956,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LucidInstanceNormForward, ForwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LucidInstanceNormBackward, BackwardImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

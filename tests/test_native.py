@@ -45,6 +45,8 @@ def test_the_kernel_is_built_and_used_on_cpu():
 CASES = {  # shape, channel_axis, dtype
     "2d": ((4, 6, 12, 10), 1, jnp.float32),
     "1d": ((3, 5, 37), 1, jnp.float32),
+    "rows-shorter-than-a-vector": ((6, 7, 3, 3), 1, jnp.float32),
+    "bf16-short-rows": ((4, 9, 5, 5), 1, jnp.bfloat16),
     "3d": ((2, 3, 4, 5, 6), 1, jnp.float32),
     "nhwc": ((3, 9, 7, 20), -1, jnp.float32),
     "nlc-wide": ((2, 33, 40), -1, jnp.float32),
@@ -77,18 +79,31 @@ def test_kernel_matches_xla_path_and_float64(rng, case, affine):
         np.testing.assert_allclose(stats[key], stats_xla[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize("shape, dtype", [((2, 3, 700001), jnp.float32), ((8, 64, 128, 128), jnp.bfloat16)],
-                         ids=["unaligned-rows", "bf16"])
-def test_large_outputs_streamed_past_the_cache_are_exact(rng, shape, dtype):
-    """Outputs of 16 MiB and more take the non-temporal store path (and huge-page advice),
-    rows starting off the vector alignment included."""
+@pytest.mark.parametrize("shape, axis, dtype", [((2, 3, 700001), 1, jnp.float32),
+                                                ((8, 64, 128, 128), 1, jnp.bfloat16),
+                                                ((4, 128, 128, 64), -1, jnp.float32)],
+                         ids=["unaligned-rows", "bf16", "nhwc"])
+def test_large_outputs_streamed_past_the_cache_are_exact(rng, shape, axis, dtype):
+    """Outputs of 16 MiB and more, forward and backward, take the non-temporal store path
+    (and huge-page advice), rows starting off the vector alignment included."""
     x = jnp.asarray((rng.normal(size=shape) + 2.0).astype(np.float32), dtype)
-    w, b = rng.normal(size=shape[1]).astype(np.float32), rng.normal(size=shape[1]).astype(np.float32)
+    gy = jnp.asarray(rng.normal(size=shape).astype(np.float32), dtype)
+    c = shape[axis]
+    w, b = rng.normal(size=c).astype(np.float32), rng.normal(size=c).astype(np.float32)
     assert x.nbytes >= 16 * 2**20
-    y, _ = jax.jit(lambda x: _apply(x, w, b))(x)
-    want = np_instance_norm(np.asarray(x, np.float64), w, b)
+    y, gx = jax.jit(lambda x, g: _output_and_input_gradient(
+        lambda x: _apply(x, w, b, channel_axis=axis)[0], x, g))(x, gy)
+    want = np.moveaxis(np_instance_norm(np.moveaxis(np.asarray(x, np.float64), axis, 1), w, b), 1, axis)
+    _, want_gx = _output_and_input_gradient(lambda x: ref_instance_norm(x, w, b, channel_axis=axis)[0],
+                                            x.astype(jnp.float32), gy.astype(jnp.float32))
     tol = dict(rtol=1e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(y, np.float64), want, **tol)
+    np.testing.assert_allclose(np.asarray(gx, np.float32), want_gx, **tol)
+
+
+def _output_and_input_gradient(fn, x, g):
+    y, pull = jax.vjp(fn, x)
+    return y, pull(g)[0]
 
 
 def test_kernel_stays_accurate_far_from_zero(rng):
