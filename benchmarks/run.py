@@ -72,13 +72,32 @@ from cases import FULL_CASES, QUICK_CASES, Case, Inputs, lucid_arrays, lucid_for
 #: the kernel depends on glibc's thresholds (a 32 MiB buffer is always a new
 #: mapping, a 20 MiB one only sometimes), which can cost more than the
 #: computation and swings the copy floor 10x between similar shapes.
+#: One arena, so that the other two settings govern every thread's blocks
+#: (a second arena's heap is mmap'd and shrunk on its own terms).
 STEADY_ALLOCATOR = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 
 
 def allocator_mode() -> str:
-    """``steady`` when this process runs under STEADY_ALLOCATOR, else ``system``."""
+    """``steady`` when this process runs on glibc under STEADY_ALLOCATOR, else ``system``."""
     steady = all(os.environ.get(k) == v for k, v in STEADY_ALLOCATOR.items())
-    return "steady" if steady else "system"
+    return "steady" if steady and platform.libc_ver()[0] == "glibc" else "system"
+
+
+def _rerun_under_the_requested_allocator(argv: list[str]) -> None:
+    """Re-execute this script, same interpreter and arguments, if its allocator is not the one asked for.
+
+    glibc reads its malloc settings when a process starts, so they cannot be
+    switched in place. Off glibc there is nothing to switch.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return
+    want = "system" if "--system-allocator" in argv else "steady"
+    if allocator_mode() == want:
+        return
+    env = {k: v for k, v in os.environ.items() if k not in STEADY_ALLOCATOR}
+    if want == "steady":
+        env.update(STEADY_ALLOCATOR)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -418,8 +437,8 @@ def target_lines(results: list[CaseResult], errors: dict[str, tuple[float, float
 ALLOCATOR_NOTES = {
     "steady": "Allocator: steady (glibc keeps and reuses freed memory, so no contender pays for the kernel "
               "zeroing fresh pages of its outputs; `--system-allocator` measures with glibc's defaults).",
-    "system": "Allocator: glibc defaults (`--system-allocator`): outputs may land on fresh pages, whose "
-              "faults and zeroing are part of the times, the copy's included.",
+    "system": "Allocator: the system's defaults (`--system-allocator`, or not glibc): outputs may land on fresh "
+              "pages, whose faults and zeroing are part of the times, the copy's included.",
 }
 
 
@@ -509,10 +528,10 @@ def update_readme(section: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds: a smoke run of every code path")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for latest.md and latest.png")
-    parser.add_argument("--repeats", type=int, help="interleaved rounds per case (default 10, quick 2)")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds per case (default 20, quick 2)")
     parser.add_argument("--batch-seconds", type=float, help="target duration of one timed batch (default 0.05)")
     parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
     parser.add_argument("--system-allocator", action="store_true",
@@ -521,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cases = QUICK_CASES if args.quick else FULL_CASES
-    repeats = args.repeats or (2 if args.quick else 10)
+    repeats = args.repeats or (2 if args.quick else 20)
     batch_seconds = args.batch_seconds or (0.002 if args.quick else 0.05)
     accuracy_shape = (2, 4, 16, 16) if args.quick else (4, 16, 64, 64)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -549,7 +568,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if "--system-allocator" not in sys.argv[1:] and allocator_mode() != "steady":
-        # glibc reads these settings when a process starts: run again under them.
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **STEADY_ALLOCATOR})
+    _rerun_under_the_requested_allocator(sys.argv[1:])
     sys.exit(main())

@@ -47,6 +47,7 @@
 #include <functional>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <thread>
 #include <vector>
 
@@ -253,33 +254,29 @@ inline void RowSums(const typename T::Storage* a, const typename T::Storage* b, 
 // Lane j of the result is the sum of the lanes of v[j]: kWidth horizontal
 // sums at once, in log2(kWidth) rounds of two permutes and one addition per
 // pair of vectors (each round halves the vectors and doubles the rows per
-// vector; pairing j with j + count/2 keeps the rows in order). The permute
-// indices of round h, into the concatenation of a pair (a, b): in each block
-// of 2h lanes, lo takes the first h lanes of a's block then of b's, hi the
-// last h lanes of each.
-struct PairMasks {
-  int32_t lo[kWidth], hi[kWidth];
-};
-constexpr PairMasks MakePairMasks(int h) {
-  PairMasks p{};
-  for (int l = 0; l < kWidth; ++l) {
-    const int base = l / (2 * h) * (2 * h), off = l % (2 * h);
-    p.lo[l] = off < h ? base + off : kWidth + base + off - h;
-    p.hi[l] = off < h ? base + h + off : kWidth + base + off;
-  }
-  return p;
+// vector; pairing j with j + H keeps the rows in order). The permute indices
+// of round H, into the concatenation of a pair (a, b): in each block of 2H
+// lanes, the low permute takes the first H lanes of a's block then of b's,
+// the high one the last H lanes of each.
+constexpr int PairIndex(int h, int lane, bool high) {
+  const int base = lane / (2 * h) * (2 * h), off = lane % (2 * h);
+  return (off < h ? base + off : kWidth + base + off - h) + (high ? h : 0);
+}
+
+template <int H, size_t... L>
+inline Vec PairSum(Vec a, Vec b, std::index_sequence<L...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, PairIndex(H, L, false)...) +
+         __builtin_shufflevector(a, b, PairIndex(H, L, true)...);
+#else
+  constexpr VecI32 lo = {PairIndex(H, L, false)...}, hi = {PairIndex(H, L, true)...};
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+#endif
 }
 
 template <int H>
 inline void PairRound(Vec* v) {
-  static constexpr PairMasks kMasks = MakePairMasks(H);
-  VecI32 lo, hi;
-  std::memcpy(&lo, kMasks.lo, sizeof(lo));
-  std::memcpy(&hi, kMasks.hi, sizeof(hi));
-  for (int j = 0; j < H; ++j) {
-    const Vec a = v[j], b = v[j + H];
-    v[j] = __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
-  }
+  for (int j = 0; j < H; ++j) v[j] = PairSum<H>(v[j], v[j + H], std::make_index_sequence<kWidth>{});
   if constexpr (H > 1) PairRound<H / 2>(v);
 }
 
@@ -289,10 +286,19 @@ inline Vec TransposeSum(Vec* v) {
 }
 
 // {0, 1, ..., kWidth - 1}.
+struct LaneIndices {
+  int32_t lane[kWidth];
+};
+constexpr LaneIndices MakeLaneIndices() {
+  LaneIndices p{};
+  for (int l = 0; l < kWidth; ++l) p.lane[l] = l;
+  return p;
+}
+
 inline VecI32 Iota() {
-  static constexpr PairMasks kIota = MakePairMasks(kWidth);  // lo of one round spanning the vector
+  static constexpr LaneIndices kIota = MakeLaneIndices();
   VecI32 v;
-  std::memcpy(&v, kIota.lo, sizeof(v));
+  std::memcpy(&v, kIota.lane, sizeof(v));
   return v;
 }
 
@@ -536,10 +542,11 @@ struct Workers {
 // Runs body(begin, end) over [0, units) in contiguous chunks, claimed from a
 // shared counter by the calling thread and by up to `helpers` tasks. The
 // caller claims chunks too, so the work completes even when no task ever
-// starts (a busy pool, or one that runs tasks inline), and it returns once
-// every claimed chunk is done: a task that starts later finds no chunk left
-// and touches only the counters, which it co-owns. Small problems stay on the
-// calling thread.
+// starts (a busy pool, or one that runs tasks inline; without a pool,
+// helpers is 0 and the work runs on the calling thread alone), and it
+// returns once every claimed chunk is done: a task that starts later finds
+// no chunk left and touches only the counters, which it co-owns. Small
+// problems stay on the calling thread.
 template <typename Body>
 void ParallelFor(const Workers& workers, int64_t units, int64_t bytes, Body body) {
   static const int64_t kCores = std::max<int64_t>(1, std::thread::hardware_concurrency());
@@ -561,8 +568,11 @@ void ParallelFor(const Workers& workers, int64_t units, int64_t bytes, Body body
     for (int64_t u; (u = counters->next.fetch_add(chunk)) < units;) (*b)(u, std::min(u + chunk, units));
     counters->active.fetch_sub(1);
   };
-  for (int64_t t = 1; t < threads; ++t) workers.schedule(drain);
+  for (int64_t t = 1; t < chunks; ++t) workers.schedule(drain);
   drain();
+  // Sequentially consistent counters (the defaults) are what make this exact:
+  // a task's increment of `active` precedes its successful claim, which
+  // precedes the caller's final failed claim and so this load.
   while (counters->active.load() != 0) std::this_thread::yield();
 }
 
@@ -616,6 +626,23 @@ inline void ParamIndices(const Shape& s, int64_t r0, int64_t rows, int64_t* pc) 
 
 // --------------------------------------------------------------- forward --
 
+// One instance's statistics from its shifted sums s1 = sum(x - k) and
+// s2 = sum((x - k)^2) over m = 1 / inv_m elements: the mean as a float and
+// its rounding residual, the biased variance and 1 / sqrt(var + eps).
+// Branch-free (the clamp is a select), so loops over instances vectorize.
+struct Moments {
+  float mean, residual, var, rstd;
+};
+
+inline Moments MomentsOf(double s1, double s2, float k, double inv_m, float eps) {
+  const double md = s1 * inv_m;
+  const double d = s2 * inv_m - md * md, v = d > 0.0 ? d : 0.0;
+  const double mu = k + md;
+  const float mean = static_cast<float>(mu);
+  return {mean, static_cast<float>(mu - static_cast<double>(mean)), static_cast<float>(v),
+          static_cast<float>(1.0 / std::sqrt(v + eps))};
+}
+
 // Rows of M contiguous elements (channels-first), [begin, end) of the
 // (P*N*C, M) view, in groups (see RowGroup).
 template <typename T>
@@ -641,13 +668,11 @@ void ForwardRows(const Shape& s, int64_t begin, int64_t end, bool stream, float 
     // Every slot, a fixed trip count that vectorizes; slots past `rows` are unused.
 #pragma omp simd
     for (int64_t j = 0; j < kGroup; ++j) {
-      const double md = s1[j] * inv_m;
-      const double d = s2[j] * inv_m - md * md, v = d > 0.0 ? d : 0.0;
-      const double mu = k[j] + md;
-      mean_f[j] = static_cast<float>(mu);
-      e[j] = static_cast<float>(mu - static_cast<double>(mean_f[j]));
-      var_f[j] = static_cast<float>(v);
-      r[j] = static_cast<float>(1.0 / std::sqrt(v + eps));
+      const Moments mo = MomentsOf(s1[j], s2[j], k[j], inv_m, eps);
+      mean_f[j] = mo.mean;
+      e[j] = mo.residual;
+      var_f[j] = mo.var;
+      r[j] = mo.rstd;
     }
     ParamIndices(s, r0, rows, pc);
     std::copy(mean_f, mean_f + rows, mean + r0);
@@ -681,18 +706,16 @@ void ForwardSlab(const typename T::Storage* x, typename T::Storage* y, int64_t m
         v = d * d;
       },
       s1.data(), s2.data());
+  const double inv_m = 1.0 / m;
   for (int64_t j = 0; j < width; ++j) {
-    const double md = s1[j] / m;
-    const double var = std::max(s2[j] / m - md * md, 0.0);
-    const double mean = k[j] + md;
-    mean_f[j] = static_cast<float>(mean);
-    e[j] = static_cast<float>(mean - mean_f[j]);
-    const float r = static_cast<float>(1.0 / std::sqrt(var + eps));
-    a[j] = r * w[c0 + j];
+    const Moments mo = MomentsOf(s1[j], s2[j], k[j], inv_m, eps);
+    mean_f[j] = mo.mean;
+    e[j] = mo.residual;
+    a[j] = mo.rstd * w[c0 + j];
     bb[j] = b[c0 + j];
-    mean_out[c0 + j] = mean_f[j];
-    residual_out[c0 + j] = e[j];
-    var_out[c0 + j] = static_cast<float>(var);
+    mean_out[c0 + j] = mo.mean;
+    residual_out[c0 + j] = mo.residual;
+    var_out[c0 + j] = mo.var;
   }
   const float* const coef[4] = {mean_f.data(), e.data(), a.data(), bb.data()};
   SlabMap<T>(y + c0, x + c0, x + c0, m, c, width, coef, stream,

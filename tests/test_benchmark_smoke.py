@@ -73,3 +73,8 @@ def test_accuracy_table_reports_every_contender(quick_run):
         others = [float(row[who]) for who in CONTENDERS[1:]]  # may be huge (Flax's fast variance), never blank
         assert all(not v < 0 for v in others)
         assert 0 <= float(row["lucid"]) <= 1e-4  # lucid's own accuracy target at mean 1e4
+
+
+def test_the_run_reexecutes_itself_under_the_steady_allocator(quick_run):
+    # glibc reads its malloc settings at process start: the report names the mode the timings ran under.
+    assert "Allocator: steady" in (quick_run / "latest.md").read_text()
