@@ -253,14 +253,17 @@ def measure(benches: Mapping[tuple[str, str], Bench], repeats: int, batch_second
     """The minimum seconds per call of every bench over ``repeats`` interleaved rounds.
 
     Each bench first runs twice (compilation, first touch of memory, thread
-    pools); its batch size is then chosen so one batch lasts ``batch_seconds``.
+    pools); its batch size is then chosen so one batch lasts ``batch_seconds``,
+    from its fastest of a few back-to-back calls (the first calls may still
+    be growing the heap, and an overestimate would leave single-call batches
+    that time a cold start after every pause).
     """
     settle = min(0.01, batch_seconds)
     calls = {}
     for key, bench in benches.items():
         bench()
         bench()
-        once = min(_time_batch(bench, 1, settle) for _ in range(2))
+        once = min(_time_batch(bench, 1, 0.0) for _ in range(8))
         calls[key] = max(1, min(1000, round(batch_seconds / once)))
     gc.collect()
     best = dict.fromkeys(benches, math.inf)
