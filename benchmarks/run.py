@@ -29,7 +29,8 @@ minimum over the rounds, the least disturbed by other work on the machine.
 The run happens under a steady allocator (``STEADY_ALLOCATOR``: glibc keeps
 and reuses freed memory; the script re-executes itself with those settings),
 so that every contender's time is computation and memory traffic, not the
-kernel zeroing fresh pages for whichever outputs glibc chose to map anew;
+operating system zeroing fresh pages for whichever outputs glibc chose to map
+anew;
 ``--system-allocator`` measures under glibc's defaults instead.
 
 Also reported: the temporary memory of each compiled JAX forward+backward (from
@@ -67,13 +68,13 @@ import torch.nn.functional as TF
 from cases import FULL_CASES, QUICK_CASES, Case, Inputs, lucid_arrays, lucid_forward, lucid_forward_backward, make_inputs
 
 #: glibc malloc settings (mallopt(3)) under which freed memory stays in the
-#: process and is reused: one arena, no mmap'd chunks, no trimming. Without
-#: them, whether a call's fresh output buffers must be faulted in and zeroed by
-#: the kernel depends on glibc's thresholds (a 32 MiB buffer is always a new
-#: mapping, a 20 MiB one only sometimes), which can cost more than the
-#: computation and swings the copy floor 10x between similar shapes.
-#: One arena, so that the other two settings govern every thread's blocks
-#: (a second arena's heap is mmap'd and shrunk on its own terms).
+#: process and is reused: no mmap'd chunks, no trimming, and one arena, so
+#: that those two govern every thread's blocks (a second arena's heap is
+#: mmap'd and shrunk on its own terms). Without them, whether a call's output
+#: buffers are fresh pages that the operating system must fault in and zero
+#: depends on glibc's thresholds (a 32 MiB buffer is always a new mapping, a
+#: 20 MiB one only sometimes), which can cost more than the computation and
+#: swings the copy floor 10x between similar shapes.
 STEADY_ALLOCATOR = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 
 
@@ -438,8 +439,8 @@ def target_lines(results: list[CaseResult], errors: dict[str, tuple[float, float
 
 
 ALLOCATOR_NOTES = {
-    "steady": "Allocator: steady (glibc keeps and reuses freed memory, so no contender pays for the kernel "
-              "zeroing fresh pages of its outputs; `--system-allocator` measures with glibc's defaults).",
+    "steady": "Allocator: steady (glibc keeps and reuses freed memory, so no contender pays for the operating "
+              "system zeroing fresh pages for its outputs; `--system-allocator` measures with glibc's defaults).",
     "system": "Allocator: the system's defaults (`--system-allocator`, or not glibc): outputs may land on fresh "
               "pages, whose faults and zeroing are part of the times, the copy's included.",
 }
