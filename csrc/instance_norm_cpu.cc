@@ -698,7 +698,7 @@ void ForwardRows(const Shape& s, int64_t begin, int64_t end, bool stream, float 
       // Row j of the next group, if this thread has one.
       const typename T::Storage* next = r0 + rows + j < end ? xg + (rows + j) * m : nullptr;
       MapRowFromEnd<T>(y + (r0 + j) * m, xg + j * m, xg + j * m, m, stream,
-                [=](auto xi, auto) { return ((xi - mf) - ej) * aj + bj; }, next);
+                       [=](auto xi, auto) { return ((xi - mf) - ej) * aj + bj; }, next);
     }
   }
   if (stream) StreamFence();
@@ -857,14 +857,22 @@ void BackwardRows(const Shape& s, int64_t begin, int64_t end, bool stream, const
   auto* gy = static_cast<const typename T::Storage*>(args.gy);
   auto* gx = static_cast<typename T::Storage*>(args.gx);
   const int64_t m = s.m, group = RowGroup(2 * m * sizeof(typename T::Storage));
-  double g1[kGroup], g2[kGroup];
-  float mf[kGroup], ef[kGroup];
+  // Per-row operands and coefficients of a group; slots past `rows` hold
+  // harmless values (1 for rstd) so the coefficient loop can run all kGroup.
+  double g1[kGroup] = {}, g2[kGroup] = {};
+  float mf[kGroup] = {}, ef[kGroup] = {}, rs[kGroup], wr[kGroup] = {}, gm[kGroup] = {}, gv[kGroup] = {};
+  float ka[kGroup], kq[kGroup], kz[kGroup];
+  std::fill(rs, rs + kGroup, 1.0f);
   int64_t pc[kGroup];
-  BackwardCoefficients k[kGroup];
   for (int64_t r0 = begin; r0 < end; r0 += group) {
     const int64_t rows = std::min(group, end - r0);
     std::copy(args.mean + r0, args.mean + r0 + rows, mf);
     std::copy(args.residual + r0, args.residual + r0 + rows, ef);
+    std::copy(args.rstd + r0, args.rstd + r0 + rows, rs);
+    std::copy(args.gmean + r0, args.gmean + r0 + rows, gm);
+    std::copy(args.gvar + r0, args.gvar + r0 + rows, gv);
+    ParamIndices(s, r0, rows, pc);
+    for (int64_t j = 0; j < rows; ++j) wr[j] = args.w[pc[j]];
     GroupSums<T>(
         gy + r0 * m, x + r0 * m, m, rows,
         [&mf, &ef](int64_t j, auto g, auto xi, auto& u, auto& v) {
@@ -872,20 +880,24 @@ void BackwardRows(const Shape& s, int64_t begin, int64_t end, bool stream, const
           v = g * ((xi - mf[j]) - ef[j]);
         },
         g1, g2);
-    ParamIndices(s, r0, rows, pc);
+    // A fixed trip count that vectorizes, as in ForwardRows.
+#pragma omp simd
+    for (int64_t j = 0; j < kGroup; ++j) {
+      g2[j] *= rs[j];
+      const BackwardCoefficients k = Coefficients(g1[j], g2[j], m, ef[j], rs[j], wr[j], gm[j], gv[j]);
+      ka[j] = k.a;
+      kq[j] = k.q;
+      kz[j] = k.z;
+    }
     for (int64_t j = 0; j < rows; ++j) {
-      const int64_t r = r0 + j;
-      g2[j] *= args.rstd[r];
-      k[j] = Coefficients(g1[j], g2[j], m, ef[j], args.rstd[r], args.w[pc[j]], args.gmean[r], args.gvar[r]);
-      args.g1[r] = static_cast<float>(g1[j]);
-      args.g2[r] = static_cast<float>(g2[j]);
+      args.g1[r0 + j] = static_cast<float>(g1[j]);
+      args.g2[r0 + j] = static_cast<float>(g2[j]);
     }
     for (int64_t j = 0; j < rows; ++j) {
       const int64_t r = r0 + j;
-      const float mfj = mf[j];
-      const BackwardCoefficients kj = k[j];
+      const float mfj = mf[j], aj = ka[j], qj = kq[j], zj = kz[j];
       MapRowFromEnd<T>(gx + r * m, gy + r * m, x + r * m, m, stream,
-                [=](auto g, auto xi) { return g * kj.a + (xi - mfj) * kj.q + kj.z; });
+                       [=](auto g, auto xi) { return g * aj + (xi - mfj) * qj + zj; });
     }
   }
   if (stream) StreamFence();
