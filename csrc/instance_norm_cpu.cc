@@ -769,8 +769,8 @@ void ForEachChannelBlock(const Workers& workers, const Shape& s, int64_t bytes, 
 }
 
 template <typename T>
-void Forward(const Workers& workers, const Shape& s, int64_t channels_last, float eps, const void* xv, const float* w, const float* b,
-             void* yv, float* mean, float* residual, float* var) {
+void Forward(const Workers& workers, const Shape& s, int64_t channels_last, float eps, const void* xv, const float* w,
+             const float* b, void* yv, float* mean, float* residual, float* var) {
   auto* x = static_cast<const typename T::Storage*>(xv);
   auto* y = static_cast<typename T::Storage*>(yv);
   const int64_t instances = s.p * s.n * s.c;
