@@ -27,7 +27,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ._tensor import concrete_array
+from ._tensor import stored_array
 
 __all__ = ["save", "load"]
 
@@ -42,7 +42,7 @@ _PICKLE_HINT = (
 
 
 def _to_numpy(value: Any, name: str) -> np.ndarray:
-    array = np.asarray(concrete_array(value, f"state[{name!r}]"))
+    array = np.asarray(stored_array(value, f"state[{name!r}]"))
     if not _supported(array.dtype):
         raise TypeError(f"state[{name!r}] has dtype {array.dtype}; only numeric and boolean arrays can be saved.")
     return _native(array)

@@ -35,7 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-__all__ = ["Tensor", "no_grad", "apply_jax", "assign_in_place", "is_traced", "external_to_numpy", "concrete_array"]
+from ._arrays import as_array, is_traced
+
+__all__ = ["Tensor", "no_grad", "apply_jax", "assign_in_place"]
 
 _grad_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("lucid_grad_enabled", default=True)
 # While Module.apply runs: the ids of the Tensors it swapped the pytrees into
@@ -54,26 +56,6 @@ _UNREGISTERED_HINT = (
     "list or dict attribute?). Assign each submodule to an attribute (self.block0 = module) so that "
     "its state is part of module.pytrees() and comes back in new_stats."
 )
-
-
-def is_traced(value: Any) -> bool:
-    """Whether ``value`` is a JAX tracer (a placeholder inside a JAX transformation).
-
-    Args:
-        value: anything.
-
-    Returns:
-        ``True`` for a ``jax.core.Tracer``, else ``False``.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from lucid._tensor import is_traced
-        >>> is_traced(jnp.ones(2))
-        False
-        >>> bool(jax.jit(is_traced)(jnp.ones(2)))  # inside jit the argument is a tracer
-        True
-    """
-    return isinstance(value, jax.core.Tracer)
 
 
 class no_grad:
@@ -160,18 +142,20 @@ class _Node:
 
 
 def _to_jax(data: Any, dtype: Any = None) -> jax.Array:
-    """Anything :class:`Tensor` accepts, as a ``jax.Array`` (of ``dtype`` if given)."""
+    """Anything :class:`Tensor` accepts, as a ``jax.Array`` (of ``dtype`` if given).
+
+    Python floats and nested lists of them become float32, as in PyTorch;
+    integers that do not fit the target dtype raise instead of wrapping.
+    """
     if isinstance(data, Tensor):
         data = data._data
     if isinstance(data, jax.Array):  # tracers included
         return data if dtype is None else data.astype(dtype)
-    if hasattr(data, "detach") and hasattr(data, "numpy"):  # a torch.Tensor, without importing torch
-        data = external_to_numpy(data)
-    array = np.asarray(data)
-    if array.dtype == object:
-        raise TypeError(f"cannot make a Tensor from {type(data).__name__}: it does not convert to a numeric array.")
+    try:
+        array = np.asarray(as_array(data, f"a Tensor's data ({type(data).__name__})"))
+    except TypeError as e:
+        raise TypeError(f"cannot make a Tensor from {type(data).__name__}: it does not convert to a numeric array.") from e
     if dtype is None and array.dtype == np.float64 and not isinstance(data, (np.ndarray, np.generic)):
-        # Python floats and nested lists default to float32, as in PyTorch.
         array = array.astype(np.float32)
     # JAX stores 64-bit integers in 32 bits unless jax_enable_x64 is on; it would wrap silently.
     target = jax.dtypes.canonicalize_dtype(array.dtype if dtype is None else dtype)
@@ -185,76 +169,13 @@ def _to_jax(data: Any, dtype: Any = None) -> jax.Array:
     return jnp.asarray(array.astype(target, copy=False))
 
 
-def external_to_numpy(value: Any) -> np.ndarray:
-    """A NumPy copy of a foreign array (a ``torch.Tensor``), found by duck typing.
+def stored_array(value: Any, what: str) -> jax.Array | np.ndarray:
+    """``value`` (a Tensor's data included) as an array fit to outlive any JAX transformation.
 
-    NumPy has no bfloat16 of its own, so a torch bfloat16 tensor goes through
-    float32 (exact) and comes back as JAX's ``bfloat16``.
-
-    Args:
-        value: an object with ``detach()`` and ``numpy()`` (a ``torch.Tensor``).
-
-    Returns:
-        A NumPy array with the same values and dtype.
-
-    Example:
-        >>> import pytest; torch = pytest.importorskip("torch")  # torch is optional
-        >>> from lucid._tensor import external_to_numpy
-        >>> a = external_to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
-        >>> type(a).__name__, a.dtype.name, a.astype("float32").tolist()
-        ('ndarray', 'bfloat16', [1.5, -2.0])
+    Module state and checkpoints take it: a tracer is refused (see
+    :func:`lucid._arrays.as_array` with ``concrete=True``).
     """
-    value = value.detach().cpu()
-    if str(value.dtype) == "torch.bfloat16":
-        return value.float().numpy().astype(jnp.bfloat16)
-    return value.numpy().copy()
-
-
-def concrete_array(value: Any, what: str) -> jax.Array | np.ndarray:
-    """``value`` as an array fit to be stored: checkpoints and module state.
-
-    State outlives any JAX transformation, so a tracer is refused here, with
-    every other input kind that is not already an array.
-
-    Args:
-        value: a lucid ``Tensor``, a JAX or NumPy array or scalar, or a
-            ``torch.Tensor``.
-        what: how to name ``value`` in an error message.
-
-    Returns:
-        A ``jax.Array`` or ``np.ndarray`` with the same values and dtype.
-
-    Raises:
-        TypeError: ``value`` is a tracer (the caller runs inside a JAX
-            transformation), or not an array.
-
-    Example:
-        >>> import numpy as np
-        >>> from lucid import Tensor
-        >>> from lucid._tensor import concrete_array
-        >>> concrete_array(Tensor([1.0, 2.0]), "w"), concrete_array(np.int64(3), "step").dtype
-        (Array([1., 2.], dtype=float32), dtype('int64'))
-        >>> concrete_array([1.0, 2.0], "w")
-        Traceback (most recent call last):
-        TypeError: w must be a NumPy array, a JAX array, a lucid.Tensor or a torch.Tensor, got list.
-    """
-    if isinstance(value, Tensor):
-        value = value._data
-    if is_traced(value):
-        raise TypeError(
-            f"{what} is a traced value: state that outlives a JAX transformation cannot hold one (it "
-            f"would leak a tracer). Return the arrays from the transformed function and store them "
-            f"(load_pytrees, load_state_dict, lucid.save) outside it."
-        )
-    if isinstance(value, (jax.Array, np.ndarray)):
-        return value
-    if isinstance(value, np.generic):
-        return np.asarray(value)
-    if hasattr(value, "detach") and hasattr(value, "numpy"):
-        return external_to_numpy(value)
-    raise TypeError(
-        f"{what} must be a NumPy array, a JAX array, a lucid.Tensor or a torch.Tensor, got {type(value).__name__}."
-    )
+    return as_array(value._data if isinstance(value, Tensor) else value, what, concrete=True)
 
 
 class Tensor:
@@ -870,3 +791,33 @@ def assign_in_place(targets: Mapping[str, Tensor], values: Mapping[str, Any], wh
         )
     for name, tensor in targets.items():
         tensor._data = new[name]
+
+
+def instance_norm(apply: Callable[..., Any], params: Mapping[str, Any], stats: Mapping[str, Any], input_: Any, *,
+                  training: bool, momentum: Any, eps: float) -> Tensor:
+    """``lucid.nn.functional.instance_norm`` with Tensors: on the tape, running statistics updated in place.
+
+    ``apply`` is ``instance_norm_apply``; ``params`` and ``stats`` hold the
+    reference signature's ``weight``/``bias`` and ``running_mean``/``running_var``
+    (any of them Tensors). In training, running statistics given as Tensors
+    take their new values in place, as in PyTorch; given as arrays, they stay
+    unchanged. Nothing changes when the call fails.
+    """
+    in_place = training and isinstance(stats.get("running_mean"), Tensor)
+    if training and stats and in_place != isinstance(stats["running_var"], Tensor):
+        raise TypeError(
+            "running_mean and running_var must both be Tensors (updated in place) or both arrays "
+            f"(left unchanged), got {type(stats['running_mean']).__name__} and {type(stats['running_var']).__name__}."
+        )
+
+    def run(params: dict, stats: dict, x: Any) -> tuple[jax.Array, dict]:
+        return apply(params, stats, x, training=training, momentum=momentum, eps=eps)
+
+    y, new_stats = apply_jax(run, dict(params), dict(stats), input_, has_aux=True)
+    if in_place:
+        assign_in_place(stats, new_stats, what="running_mean/running_var")
+    return y
+
+
+# lucid.nn.functional.instance_norm hands its calls with a Tensor argument to this hook.
+Tensor.__lucid_function__ = staticmethod(instance_norm)

@@ -141,6 +141,6 @@ def test_export_with_the_native_kernel_is_refused_and_pure_xla_holds_no_custom_c
     with F.pure_xla():
         portable = export.export(pipeline, platforms=PLATFORMS)(*args)
     assert "lucid_instance_norm_forward" not in portable.mlir_module()
-    with _native._kernel_state(True):  # undo this module's pure_xla fixture
+    with _native._default_implementation("native"):  # undo this module's pure_xla fixture
         with pytest.raises(ValueError, match="lucid_instance_norm_forward"):
             export.export(pipeline, platforms=("cpu",))(*args)

@@ -191,11 +191,12 @@ def _stats_loss(fn, g, a, c):
     return loss
 
 
-def _core(layout_axes, native):
-    from lucid.nn import _instance_norm as core
+def _core(spatial_axes, kernel):
+    from lucid.nn._normalize import normalize_with_instance_stats
+    from lucid.nn._stats import NormConfig
 
-    layout = core.Layout(layout_axes, None, 1e-5, native)
-    return lambda x, w, b: core.normalize_with_instance_stats(x, w, b, None, layout)[:3]
+    config = NormConfig(spatial_axes, None, 1e-5, kernel)
+    return lambda x, w, b: normalize_with_instance_stats(x, w, b, None, config)[:3]
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._tensor import Tensor, _bridge, concrete_array, is_traced, no_grad
+from .._arrays import is_traced
+from .._tensor import Tensor, _bridge, no_grad, stored_array
+from ._checks import check_keys
 
 __all__ = ["Module", "Parameter"]
 
@@ -67,20 +69,6 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
-def _check_keys(targets: Mapping[str, Tensor], given: Any, what: str, strict: bool, hint: str = "") -> IncompatibleKeys:
-    """``given``'s keys against the module's: the one check of ``load_state_dict``, ``load_pytrees`` and ``apply``."""
-    if not isinstance(given, Mapping):
-        raise TypeError(f"{what} must be a mapping from names to arrays, got {type(given).__name__}.")
-    missing = [k for k in targets if k not in given]
-    unexpected = [k for k in given if k not in targets]
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"{what} does not match the module: missing keys {missing}, unexpected keys {unexpected}. "
-            f"Nothing was changed{hint}."
-        )
-    return IncompatibleKeys(missing, unexpected)
-
-
 def _check_shape(name: str, shape: tuple[int, ...], target: Tensor) -> None:
     if tuple(shape) != target.shape:
         raise ValueError(f"size mismatch for {name!r}: got shape {tuple(shape)}, the module expects {target.shape}.")
@@ -88,7 +76,7 @@ def _check_shape(name: str, shape: tuple[int, ...], target: Tensor) -> None:
 
 def _converted(value: Any, target: Tensor, name: str) -> jax.Array:
     """``value`` as a ``jax.Array`` of ``target``'s shape and dtype, checked first."""
-    array = concrete_array(value, repr(name))
+    array = stored_array(value, repr(name))
     _check_shape(name, array.shape, target)
     dtype = target.dtype
     if jnp.issubdtype(dtype, jnp.integer):
@@ -613,7 +601,8 @@ class Module:
 
     def _load(self, targets: dict[str, Tensor], values: Mapping[str, Any], strict: bool, what: str,
               hint: str = "") -> IncompatibleKeys:
-        keys = _check_keys(targets, values, what, strict, hint)
+        keys = IncompatibleKeys(*check_keys(values, targets, what, required=targets, strict=strict,
+                                            hint="; nothing was changed" + hint))
         new = {name: _converted(values[name], t, name) for name, t in targets.items() if name in values}
         for name, array in new.items():
             targets[name].data = array
@@ -699,7 +688,7 @@ class Module:
             raise TypeError(f"training must be a bool or None, got {type(training).__name__}.")
         named_params, named_buffers = dict(self.named_parameters()), dict(self.named_buffers())
         for what, targets, given in (("params", named_params, params), ("stats", named_buffers, stats)):
-            _check_keys(targets, given, what, strict=True)
+            check_keys(given, targets, what, required=targets)
             for name, t in targets.items():
                 _check_shape(name, jnp.shape(given[name]), t)
         leaves = jax.tree.leaves((params, stats, args, kwargs))

@@ -1,30 +1,33 @@
-"""lucid's native CPU kernels (``csrc/instance_norm_cpu.cc``), called through XLA's FFI.
+"""lucid's native CPU kernels (``csrc/``), called through XLA's FFI: loading, choice, calls.
 
 The kernels read every instance from memory once and revisit it from cache,
-which XLA's CPU code generator does not do; see the C++ file for the math.
-They are an implementation detail of :func:`lucid.nn._instance_norm.normalize_with_instance_stats`
-(the forward pass, and the transpose of its tangent map, i.e. the backward
-pass) and are used only where they compute exactly what the pure-XLA path does:
+which XLA's CPU code generator does not do; see ``csrc/`` for the math. They
+compute the forward pass and the transpose of its tangent map (the backward
+pass) through the primitives of :mod:`lucid.nn._primitives`, and are used only
+where they compute exactly what the pure-XLA path does (:func:`applies`):
 
-* on CPU: the call is wrapped in ``lax.platform_dependent``, so programs
+* on CPU: the primitives lower to the kernels on CPU only, so programs
   lowered for GPU or TPU (``jax.export`` included) carry the XLA path;
 * float32 or bfloat16 input, float32 statistics, no mask, spatial axes not
   split across devices (no ``spatial_axis_name``, no mesh in context);
 * when the compiled library is present (``pip install`` builds it; without a
   C++ compiler the install still succeeds and lucid uses XLA everywhere).
 
-Set the environment variable ``LUCID_NATIVE=0`` (before import), or trace
-inside ``with lucid.nn.functional.pure_xla():``, to use the pure-XLA path on
-CPU too. ``jax.export`` needs that: a serialized program may only hold custom
-calls with a compatibility guarantee, and the kernel is local to this install.
+Set the environment variable ``LUCID_NATIVE=0`` (before import), trace inside
+``with lucid.nn.functional.pure_xla():``, or pass ``implementation="xla"``, to
+use the pure-XLA path on CPU too. ``jax.export`` needs that: a serialized
+program may only hold custom calls with a compatibility guarantee, and the
+kernel is local to this install.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import math
 import os
 import pathlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +36,7 @@ import numpy as np
 _LIBRARY_STEM = "_instance_norm_cpu"
 _FORWARD = "lucid_instance_norm_forward"
 _BACKWARD = "lucid_instance_norm_backward"
+IMPLEMENTATIONS = (None, "xla", "native")
 
 
 def _load() -> bool:
@@ -49,25 +53,18 @@ def _load() -> bool:
 
 AVAILABLE: bool = _load()
 
-# A JAX configuration state rather than a module global: JAX keys its caches
-# of traced and compiled programs on it, so a program traced with the kernel
-# is never reused inside ``pure_xla()`` (e.g. by ``jax.export``), or the
-# other way round. (Configuration states are how JAX itself scopes such
-# switches; jax is pinned below 0.11, where this constructor is stable.)
-from jax._src import config as _jax_config  # noqa: E402
-
-_kernel_state = _jax_config.bool_state(
-    "lucid_native_kernel",
-    AVAILABLE and os.environ.get("LUCID_NATIVE", "1") != "0",
-    "Use lucid's native CPU kernel for instance norm where it applies.",
-    include_in_jit_key=True,
-    include_in_trace_context=True,
+# The implementation used where the call does not name one: a JAX user
+# context, so JAX keys its caches of traced and compiled programs on it, and a
+# program traced with the kernel is never reused inside ``pure_xla()`` (e.g.
+# by ``jax.export``), or the other way round.
+_default_implementation = jax.make_user_context(
+    default_value="xla" if os.environ.get("LUCID_NATIVE", "1") == "0" else "native"
 )
 
 
 def enabled() -> bool:
-    """Whether calls traced now use the native kernel on CPU."""
-    return bool(_kernel_state.value) and AVAILABLE
+    """Whether calls traced now without an explicit ``implementation`` use the kernel on CPU."""
+    return AVAILABLE and _default_implementation.value == "native"
 
 
 def pure_xla():
@@ -79,7 +76,7 @@ def pure_xla():
         with lucid.nn.functional.pure_xla():
             exported = jax.export.export(jax.jit(step), platforms=("cpu", "cuda"))(*args)
     """
-    return _kernel_state(False)
+    return _default_implementation("xla")
 
 
 def _mesh_is_local() -> bool:
@@ -105,50 +102,65 @@ def channel_order(ndim: int, reduce_axes: tuple[int, ...]) -> int | None:
     return None
 
 
-def eligible(x, weight, bias, mask, reduce_axes, spatial_axis_name) -> bool:
-    """Whether the kernel computes this call (static: decided at trace time)."""
-    if mask is not None or spatial_axis_name is not None:
-        return False
-    if x.dtype not in (jnp.float32, jnp.bfloat16) or channel_order(x.ndim, reduce_axes) is None:
-        return False
+def _why_not(x, weight, bias, mask, reduce_axes, spatial_axis_name) -> str | None:
+    """Why the kernel cannot compute this call, or ``None`` if it can."""
+    if not AVAILABLE:
+        return "the native kernel is not built (see README: the native CPU kernels)"
+    if mask is not None:
+        return "masks run on the XLA path"
+    if spatial_axis_name is not None:
+        return "spatial_axis_name (split spatial axes) runs on the XLA path"
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        return f"the kernel takes float32 or bfloat16 input, got {x.dtype}"
+    if channel_order(x.ndim, reduce_axes) is None:
+        return "the kernel takes channels-first or channels-last input only"
     for v in (weight, bias):
         if v is not None and jnp.promote_types(v.dtype, jnp.float32) != jnp.float32:
-            return False
-    spec = getattr(jax.typeof(x).sharding, "spec", ())
-    if any(s is not None for s in spec):
-        return False
-    return _mesh_is_local()
+            return f"the kernel takes float32 weight and bias, got {v.dtype}"
+    if any(s is not None for s in getattr(jax.typeof(x).sharding, "spec", ())) or not _mesh_is_local():
+        return "a mesh in context runs on the XLA path"
+    return None
 
 
-def _as_3d(x, order: int):
-    """``(N, C, M)`` or ``(N, M, C)``: a free reshape of a contiguous array."""
-    n = x.shape[0]
-    c = x.shape[1] if order == 0 else x.shape[-1]
-    m = x.size // (n * c) if x.size else 0
-    return x.reshape((n, c, m) if order == 0 else (n, m, c)), n, c
+def applies(x, weight, bias, mask, reduce_axes, spatial_axis_name, implementation) -> bool:
+    """Whether the kernel computes this call (static: decided once, at trace time).
 
-
-def _varying_axes(value) -> frozenset:
-    """The manual mesh axes a value varies over inside ``shard_map``."""
-    aval = jax.typeof(value)
-    mat = getattr(aval, "mat", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def match_varying(*values):
-    """Inside ``shard_map``, mark every value as varying over the union of the
-    mesh axes that any of them varies over (outside, returns them unchanged).
-
-    The FFI call does not infer how its outputs vary, and lucid's linear
-    primitives (see ``_instance_norm``) require operands that agree; marking
-    a replicated operand as varying transposes to the ``psum`` its gradient needs.
+    ``implementation`` is the caller's choice: ``None`` takes the kernel where
+    it applies (unless ``pure_xla()`` or ``LUCID_NATIVE=0``), ``"xla"``
+    never, ``"native"`` always, raising ``ValueError`` where it cannot.
     """
-    varying = frozenset().union(*(_varying_axes(v) for v in values))
-    marked = []
-    for v in values:
-        missing = tuple(sorted(varying - _varying_axes(v)))
-        marked.append(jax.lax.pcast(v, missing, to="varying") if missing else v)
-    return marked
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+    if implementation == "xla" or (implementation is None and not enabled()):
+        return False
+    reason = _why_not(x, weight, bias, mask, reduce_axes, spatial_axis_name)
+    if reason is not None and implementation == "native":
+        raise ValueError(f"implementation='native' cannot compute this call: {reason}.")
+    return reason is None
+
+
+class KernelView(NamedTuple):
+    """An operand of the kernels as ``(P, N, C, M)`` (or ``(P, N, M, C)`` channels-last)."""
+
+    p: int  # the product of the leading (vmap) axes
+    n: int
+    c: int
+    m: int  # the spatial size of one instance
+    channels_last: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.p, self.n, self.m, self.c) if self.channels_last else (self.p, self.n, self.c, self.m)
+
+
+def kernel_view(shape: tuple[int, ...], channels_last: int, leading: int) -> KernelView:
+    """The kernels' view of an input of ``shape`` with ``leading`` vmap axes in front."""
+    n = shape[leading]
+    if channels_last:
+        c, spatial = shape[-1], shape[leading + 1:-1]
+    else:
+        c, spatial = shape[leading + 1], shape[leading + 2:]
+    return KernelView(math.prod(shape[:leading]), n, c, math.prod(spatial), channels_last)
 
 
 def channel_vector(v, c: int, fill: float):
@@ -156,34 +168,21 @@ def channel_vector(v, c: int, fill: float):
     return jnp.full((c,), fill, jnp.float32) if v is None else v.astype(jnp.float32).reshape(c)
 
 
-def forward(x, weight, bias, eps: float, reduce_axes: tuple[int, ...]):
-    """``(y, mean, residual, var)``, the statistics shaped like ``x`` with the spatial axes set to 1.
+def forward_call(x, weight, bias, *, eps: float, channels_last: int):
+    """``(y, mean, residual, var)`` from the forward kernel, on its 4-d layout (see ``KernelView``).
 
     ``mean`` is the float32-rounded mean and ``residual`` its rounding error
     (``mean + residual`` is the mean to about double precision).
     """
-    order = channel_order(x.ndim, reduce_axes)
-    x3, n, c = _as_3d(x, order)
-    stat = jax.ShapeDtypeStruct((n, c), jnp.float32)
-    call = jax.ffi.ffi_call(
-        _FORWARD, (jax.ShapeDtypeStruct(x3.shape, x3.dtype), stat, stat, stat), vmap_method="broadcast_all"
-    )
-    y, mean, residual, var = match_varying(x, *call(
-        x3, channel_vector(weight, c, 1.0), channel_vector(bias, c, 0.0), eps=np.float32(eps), channels_last=np.int64(order)
-    ))[1:]
-    stats_shape = tuple(1 if a in reduce_axes else d for a, d in enumerate(x.shape))
-    return (y.reshape(x.shape), *(s.reshape(stats_shape) for s in (mean, residual, var)))
+    stat = jax.ShapeDtypeStruct(x.shape[:3] if not channels_last else (*x.shape[:2], x.shape[3]), jnp.float32)
+    call = jax.ffi.ffi_call(_FORWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat, stat))
+    return call(x, weight, bias, eps=np.float32(eps), channels_last=np.int64(channels_last))
 
 
-def backward(x, gy, mean, residual, rstd, weight, gmean, gvar, channels_last: int):
+def backward_call(x, gy, mean, residual, rstd, weight, gmean, gvar, *, channels_last: int):
     """``(gx, g1, g2)``: the input's cotangent and the per-instance sums
-    ``g1 = sum(gy)``, ``g2 = sum(gy * xhat)``.
-
-    Takes the kernels' own layout: ``x`` and ``gy`` of shape ``(..., N, C, M)``
-    (``channels_last=0``) or ``(..., N, M, C)``; the statistics and the
-    cotangents of the mean and variance ``(..., N, C)``; ``weight`` ``(..., C)``.
+    ``g1 = sum(gy)``, ``g2 = sum(gy * xhat)``, on the kernels' 4-d layout.
     """
     stat = jax.ShapeDtypeStruct(mean.shape, jnp.float32)
     call = jax.ffi.ffi_call(_BACKWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat))
-    outputs = call(x, gy, mean, residual, rstd, weight, gmean, gvar, channels_last=np.int64(channels_last))
-    return match_varying(x, *outputs)[1:]
+    return call(x, gy, mean, residual, rstd, weight, gmean, gvar, channels_last=np.int64(channels_last))

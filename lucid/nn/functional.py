@@ -1,29 +1,33 @@
-"""The functional API: the reference page's ``instance_norm`` and its pure twin.
+"""The functional API: the reference page's ``instance_norm`` and the pure pair.
 
 ``instance_norm_init`` / ``instance_norm_apply`` are a pure pair in the style of
 optax: parameters and running statistics are plain dicts keyed like PyTorch's
 state dict, passed in and returned, never mutated. ``instance_norm`` (the
 reference page's signature) and the ``InstanceNorm*d`` modules call
-``instance_norm_apply``; the math lives in ``lucid.nn._instance_norm``.
+``instance_norm_apply``. What they compute (the formula, the running-statistics
+rule, masks and edge cases) is stated once, in the Semantics section of
+lucid's README.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Hashable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from . import _instance_norm as core
-from . import _native
+from . import _checks, _native, _normalize, _running
+from ._stats import NormConfig
 
 __all__ = ["instance_norm", "instance_norm_init", "instance_norm_apply", "pure_xla", "native_kernel_available"]
+
+Params = dict[str, jax.Array]
+Stats = dict[str, jax.Array]
+Implementation = Literal["xla", "native"] | None
 
 pure_xla = _native.pure_xla
 
@@ -31,172 +35,6 @@ pure_xla = _native.pure_xla
 def native_kernel_available() -> bool:
     """Whether lucid's native CPU kernel was built at install time (see ``pure_xla``)."""
     return _native.AVAILABLE
-
-Params = dict[str, jax.Array]
-Stats = dict[str, jax.Array]
-
-_PARAM_KEYS = ("weight", "bias")
-_STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-# --------------------------------------------------------------------------
-# Checks: every one runs on shapes and dtypes only, so under jax.jit it
-# raises at trace time, before anything is computed or returned.
-# --------------------------------------------------------------------------
-
-
-def _as_array(value: Any, what: str) -> jax.Array:
-    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-        return value if isinstance(value, jax.Array) else jnp.asarray(value)
-    if hasattr(value, "__jax_array__"):
-        return jnp.asarray(value.__jax_array__())
-    if isinstance(value, (list, tuple, numbers.Number)):
-        return jnp.asarray(value)
-    raise TypeError(f"{what} must be an array, got {type(value).__name__}.")
-
-
-def _check_float(value: jax.Array, what: str) -> None:
-    if not jnp.issubdtype(value.dtype, jnp.floating):
-        raise TypeError(
-            f"{what} must have a floating-point dtype, got {value.dtype}; "
-            f"convert it first, e.g. with .astype(jnp.float32)."
-        )
-
-
-def _check_input(x: Any) -> jax.Array:
-    x = _as_array(x, "input")
-    _check_float(x, "input")
-    if x.ndim < 3:
-        raise ValueError(
-            f"instance norm expects input of shape (N, C, *spatial) with at least one "
-            f"spatial axis (3 or more dims), got shape {tuple(x.shape)} ({x.ndim}D). "
-            f"For a single unbatched sample add a batch axis: x[None]."
-        )
-    return x
-
-
-def _check_channel_axis(channel_axis: Any, ndim: int) -> int:
-    if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
-        raise TypeError(f"channel_axis must be an int, got {channel_axis!r}.")
-    if not -ndim <= channel_axis < ndim:
-        raise ValueError(f"channel_axis={channel_axis} is out of range for a {ndim}D input.")
-    axis = int(channel_axis) % ndim
-    if axis == 0:
-        raise ValueError("channel_axis cannot be 0: axis 0 is the batch axis.")
-    return axis
-
-
-def _check_channel_vector(value: Any, what: str, num_channels: int) -> jax.Array:
-    value = _as_array(value, what)
-    _check_float(value, what)
-    if tuple(value.shape) != (num_channels,):
-        raise ValueError(
-            f"{what} must have shape ({num_channels},), one value per channel of the "
-            f"input, got shape {tuple(value.shape)}."
-        )
-    return value
-
-
-def _check_keys(tree: Any, allowed: tuple[str, ...], what: str) -> Mapping:
-    if tree is None:
-        return {}
-    if not isinstance(tree, Mapping):
-        raise TypeError(f"{what} must be a dict with keys among {allowed}, got {type(tree).__name__}.")
-    unknown = sorted(set(tree) - set(allowed))
-    if unknown:
-        raise ValueError(f"{what} has unexpected keys {unknown}; allowed keys are {list(allowed)}.")
-    return tree
-
-
-def _check_params(params: Any, num_channels: int) -> Params:
-    params = _check_keys(params, _PARAM_KEYS, "params")
-    return {k: _check_channel_vector(v, f"params[{k!r}]", num_channels) for k, v in params.items()}
-
-
-def _check_stats(stats: Any, num_channels: int) -> Stats:
-    stats = _check_keys(stats, _STAT_KEYS, "stats")
-    if not stats:
-        return {}
-    missing = [k for k in ("running_mean", "running_var") if k not in stats]
-    if missing:
-        raise ValueError(f"stats must hold both running_mean and running_var, missing {missing}.")
-    out = {k: _check_channel_vector(stats[k], f"stats[{k!r}]", num_channels) for k in ("running_mean", "running_var")}
-    if "num_batches_tracked" in stats:
-        tracked = _as_array(stats["num_batches_tracked"], "stats['num_batches_tracked']")
-        if tracked.shape != () or not jnp.issubdtype(tracked.dtype, jnp.integer):
-            raise ValueError(
-                f"stats['num_batches_tracked'] must be an integer scalar, got dtype "
-                f"{tracked.dtype} and shape {tuple(tracked.shape)}."
-            )
-        out["num_batches_tracked"] = tracked
-    return out
-
-
-def _check_momentum(momentum: Any) -> Any:
-    if momentum is None:
-        return None
-    if isinstance(momentum, bool):
-        raise TypeError("momentum must be a number in [0, 1] or None, got a bool.")
-    if isinstance(momentum, numbers.Real):
-        if not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}.")
-        return float(momentum)
-    momentum = _as_array(momentum, "momentum")
-    if momentum.shape != () or not jnp.issubdtype(momentum.dtype, jnp.floating):
-        raise TypeError(f"momentum must be a float scalar, got dtype {momentum.dtype} and shape {momentum.shape}.")
-    return momentum
-
-
-def _check_eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a Python number, got {type(eps).__name__}.")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}.")
-    return float(eps)
-
-
-def _check_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
-    if mask is None:
-        return None
-    mask = _as_array(mask, "mask")
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"mask must be a boolean array (True = valid), got dtype {mask.dtype}.")
-    try:
-        broadcast = np.broadcast_shapes(tuple(mask.shape), shape)
-    except ValueError:
-        broadcast = None
-    if broadcast != tuple(shape):
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the input shape {tuple(shape)}.")
-    return mask
-
-
-def _axis_size(axis_name: Hashable | tuple | None) -> int:
-    if axis_name is None:
-        return 1
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    return math.prod(jax.lax.axis_size(n) for n in names)
-
-
-def _check_axis_name(axis_name: Any, what: str) -> None:
-    """A named axis must be bound by an enclosing ``shard_map``/``pmap``."""
-    try:
-        _axis_size(axis_name)
-    except NameError as e:
-        raise ValueError(
-            f"{what}={axis_name!r} is not a mapped axis here. Pass the name(s) of mesh axes only "
-            f"inside jax.shard_map (or jax.pmap) over those axes; under plain jax.jit with sharded "
-            f"inputs, leave {what}=None: the compiler reduces across devices by itself."
-        ) from e
-
-
-def _check_spatial_size(shape: tuple[int, ...], spatial_axes: tuple[int, ...], spatial_axis_name) -> None:
-    size = math.prod(shape[a] for a in spatial_axes) * _axis_size(spatial_axis_name)
-    if size < 2:
-        raise ValueError(
-            f"Expected more than 1 spatial element when using instance statistics "
-            f"(training, or no running statistics), got input shape {tuple(shape)}. "
-            f"The variance of a single element is undefined."
-        )
 
 
 def _channel_shaped(v: jax.Array | None, ndim: int, channel_axis: int) -> jax.Array | None:
@@ -242,10 +80,8 @@ def instance_norm_init(
         >>> params["weight"]
         Array([1., 1., 1.], dtype=float32)
     """
-    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}.")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating-point dtype, got {jnp.dtype(dtype)}.")
+    num_features = _checks.check_num_features(num_features)
+    dtype = _checks.check_float_dtype(dtype)
     params = {"weight": jnp.ones((num_features,), dtype), "bias": jnp.zeros((num_features,), dtype)} if affine else {}
     stats = (
         {
@@ -271,22 +107,16 @@ def instance_norm_apply(
     mask: ArrayLike | None = None,
     axis_name: Hashable | tuple | None = None,
     spatial_axis_name: Hashable | tuple | None = None,
+    implementation: Implementation = None,
 ) -> tuple[jax.Array, Stats]:
     r"""Instance normalization as a pure function of explicit pytrees.
 
-    For every instance ``(n, c)``, with the mean :math:`\mu` and biased
-    variance :math:`\sigma^2` over all spatial axes (only the valid elements
-    when ``mask`` is given):
-
-    .. math::
-
-        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma_c + \beta_c
-
-    In training, with running statistics, they are updated as
-    ``r = (1 - m) r + m * mean_n(s)`` with ``s`` the instance means and the
-    unbiased instance variances (``m = 1 / num_batches_tracked`` when
-    ``momentum`` is ``None``: the cumulative average). Outside training,
-    running statistics, when present, replace the instance statistics.
+    Normalizes every ``(n, c)`` instance by its mean and biased variance over
+    the spatial axes (training, or no running statistics), else by the
+    running statistics, then applies ``weight`` and ``bias``; in training the
+    running statistics are updated. The exact rules (formula, running
+    statistics, ``momentum=None``, masks, edge cases) are stated in the
+    Semantics section of lucid's README.
 
     Args:
         params: ``{"weight": (C,), "bias": (C,)}``, either key optional, or
@@ -296,18 +126,22 @@ def instance_norm_apply(
         x: input of shape ``(N, C, *spatial)`` (channel axis per ``channel_axis``)
             with at least one spatial axis; any float dtype.
         training: use (and update) instance statistics; else use running
-            statistics when there are any.
+            statistics when there are any. A Python bool (under ``jax.jit``,
+            a static argument).
         momentum: update factor of the running statistics, or ``None`` for the
             cumulative moving average.
         eps: added to the variance for numerical stability.
         channel_axis: the channel axis; ``-1`` for channels-last input.
         mask: boolean, broadcastable to ``x``, ``True`` where an element is
-            valid. Statistics (instance and running) use only valid elements;
-            every element is normalized with its instance's statistics.
+            valid; statistics use only valid elements.
         axis_name: mapped axis name(s) that split the batch (``shard_map``,
             ``pmap``): running statistics are averaged across them.
         spatial_axis_name: mapped axis name(s) that split the spatial axes:
             instance statistics are reduced across them.
+        implementation: ``None`` (the native CPU kernel where it applies,
+            unless inside ``pure_xla()`` or with ``LUCID_NATIVE=0``), ``"xla"``
+            (XLA operations only), or ``"native"`` (the kernel, raising
+            ``ValueError`` where it is not built or cannot compute the call).
 
     Returns:
         ``(y, new_stats)``: ``y`` with the shape and dtype of ``x``;
@@ -315,10 +149,11 @@ def instance_norm_apply(
         training with running statistics).
 
     Raises:
-        TypeError: a non-float input or parameter, a non-bool mask.
+        TypeError: a non-float input or parameter, a non-bool mask or ``training``.
         ValueError: fewer than 3 dims, a single spatial element while using
             instance statistics, parameters or statistics not of shape ``(C,)``,
-            ``channel_axis`` out of range, a mask that does not broadcast.
+            ``channel_axis`` out of range, a mask that does not broadcast, an
+            unknown ``implementation``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -333,52 +168,53 @@ def instance_norm_apply(
         >>> print(stats["running_mean"], stats["num_batches_tracked"])
         [0.25 0.85] 1
     """
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(f"training must be a Python bool, got {type(training).__name__}.")
-    x = _check_input(x)
-    channel = _check_channel_axis(channel_axis, x.ndim)
+    training = _checks.check_bool(training, "training")
+    x = _checks.check_input(x)
+    channel = _checks.check_channel_axis(channel_axis, x.ndim)
     num_channels = x.shape[channel]
-    params = _check_params(params, num_channels)
+    params = _checks.check_params(params, num_channels)
     stats_in = stats if stats is not None else {}
-    checked_stats = _check_stats(stats_in, num_channels)
-    momentum = _check_momentum(momentum)
+    checked_stats = _checks.check_stats(stats_in, num_channels)
+    momentum = _checks.check_momentum(momentum)
     if momentum is None and training and checked_stats and "num_batches_tracked" not in checked_stats:
         raise ValueError(
             "momentum=None (cumulative moving average) needs stats['num_batches_tracked'] "
             "to know how many batches were averaged; create stats with instance_norm_init."
         )
-    eps = _check_eps(eps)
-    mask = _check_mask(mask, tuple(x.shape))
-    _check_axis_name(axis_name, "axis_name")
-    _check_axis_name(spatial_axis_name, "spatial_axis_name")
+    eps = _checks.check_eps(eps)
+    mask = _checks.check_mask(mask, tuple(x.shape))
+    _checks.check_axis_name(axis_name, "axis_name")
+    _checks.check_axis_name(spatial_axis_name, "spatial_axis_name")
     spatial = tuple(a for a in range(x.ndim) if a not in (0, channel))
-    use_instance_stats = bool(training) or not checked_stats
+    use_instance_stats = training or not checked_stats
     if use_instance_stats:
-        _check_spatial_size(tuple(x.shape), spatial, spatial_axis_name)
-    layout = core.Layout(spatial, spatial_axis_name, eps, _native.enabled())
+        _checks.check_spatial_size(tuple(x.shape), spatial, spatial_axis_name)
+    kernel = use_instance_stats and _native.applies(
+        x, params.get("weight"), params.get("bias"), mask, spatial, spatial_axis_name, implementation)
+    config = NormConfig(spatial, spatial_axis_name, eps, kernel)
     y, new_stats = _apply(
         params, checked_stats, x, mask, momentum,
-        layout=layout, channel=channel, training=bool(training), axis_name=axis_name,
+        config=config, channel=channel, training=training, axis_name=axis_name,
     )
     if not (training and checked_stats):
         return y, dict(stats_in)  # unchanged: the caller's own leaves
     return y, {k: new_stats[k] for k in stats_in}
 
 
-@partial(jax.jit, static_argnames=("layout", "channel", "training", "axis_name"))
-def _apply(params, stats, x, mask, momentum, *, layout, channel, training, axis_name):
+@partial(jax.jit, static_argnames=("config", "channel", "training", "axis_name"))
+def _apply(params, stats, x, mask, momentum, *, config, channel, training, axis_name):
     # momentum is a traced argument (None, the empty pytree, means cumulative):
     # a new momentum value does not recompile.
     weight = _channel_shaped(params.get("weight"), x.ndim, channel)
     bias = _channel_shaped(params.get("bias"), x.ndim, channel)
     if training or not stats:
-        y, mean, var, count = core.normalize_with_instance_stats(x, weight, bias, mask, layout)
+        y, mean, var, count = _normalize.normalize_with_instance_stats(x, weight, bias, mask, config)
         if training and stats:
-            stats = core.update_running_stats(stats, mean, var, count, momentum, axis_name, channel)
+            stats = _running.update_running_stats(stats, mean, var, count, momentum, axis_name, channel)
         return y, stats
     rm = _channel_shaped(stats["running_mean"], x.ndim, channel)
     rv = _channel_shaped(stats["running_var"], x.ndim, channel)
-    return core.normalize_with_running_stats(x, rm, rv, weight, bias, layout), stats
+    return _normalize.normalize_with_running_stats(x, rm, rv, weight, bias, config), stats
 
 
 # --------------------------------------------------------------------------
@@ -396,21 +232,16 @@ def instance_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> jax.Array:
-    r"""Instance normalization of an ``(N, C, *spatial)`` input.
+    r"""Instance normalization of an ``(N, C, *spatial)`` input: the reference page's function.
 
-    .. math::
-
-        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma_c + \beta_c
-
-    with :math:`\mu`, :math:`\sigma^2` the mean and biased variance of each
-    ``(n, c)`` over its spatial axes when ``training`` (or when no running
-    statistics are given), else ``running_mean`` and ``running_var``.
-
-    With JAX or NumPy arrays this is pure and returns the output only (arrays
-    are immutable); use :func:`instance_norm_apply` to get the updated running
-    statistics. If any argument is a :class:`lucid.Tensor`, the output is a
-    Tensor recorded on the autograd tape, and in training ``running_mean`` and
-    ``running_var`` given as Tensors are updated in place, as in PyTorch.
+    Computes what :func:`instance_norm_apply` computes (the rules are in the
+    Semantics section of lucid's README), with running statistics used when
+    given and not ``training``. With JAX or NumPy arrays this is pure and
+    returns the output only (arrays are immutable); use
+    :func:`instance_norm_apply` to get the updated running statistics. If any
+    argument is a :class:`lucid.Tensor`, the output is a Tensor recorded on
+    the autograd tape, and in training ``running_mean`` and ``running_var``
+    given as Tensors are updated in place, as in PyTorch.
 
     Args:
         input_: shape ``(N, C, *spatial)``, at least one spatial axis.
@@ -466,23 +297,12 @@ def instance_norm(
         )
     params = {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}
     stats = {} if running_mean is None else {"running_mean": running_mean, "running_var": running_var}
-    # The Tensor facade sits above this module (it calls into it), so it is imported here, not at the top.
-    from .._tensor import Tensor, apply_jax, assign_in_place
-
-    if not any(isinstance(v, Tensor) for v in (input_, running_mean, running_var, weight, bias)):
-        y, _ = instance_norm_apply(params, stats, input_, training=training, momentum=momentum, eps=eps)
-        return y
-    in_place = training and isinstance(running_mean, Tensor)
-    if training and isinstance(running_mean, Tensor) != isinstance(running_var, Tensor):
-        raise TypeError(
-            "running_mean and running_var must both be Tensors (updated in place) or both arrays "
-            f"(left unchanged), got {type(running_mean).__name__} and {type(running_var).__name__}."
-        )
-
-    def run(params: dict, stats: dict, x: Any) -> tuple[jax.Array, dict]:
-        return instance_norm_apply(params, stats, x, training=training, momentum=momentum, eps=eps)
-
-    y, new_stats = apply_jax(run, params, stats, input_, has_aux=True)
-    if in_place:
-        assign_in_place(stats, new_stats, what="running_mean/running_var")
+    # Array types that keep their own state (lucid.Tensor: a tape, in-place
+    # updates) take the call over through this hook, so that this layer never
+    # imports the facade above it.
+    for value in (input_, running_mean, running_var, weight, bias):
+        override = getattr(type(value), "__lucid_function__", None)
+        if override is not None:
+            return override(instance_norm_apply, params, stats, input_, training=training, momentum=momentum, eps=eps)
+    y, _ = instance_norm_apply(params, stats, input_, training=training, momentum=momentum, eps=eps)
     return y

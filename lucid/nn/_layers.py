@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from .._tensor import Tensor, apply_jax, assign_in_place
+from . import _checks
 from . import functional as F
 from ._module import Module, Parameter
 
@@ -36,12 +37,11 @@ class _InstanceNorm(Module):
         dtype: Any = jnp.float32,
     ) -> None:
         super().__init__()
-        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}.")
+        affine = _checks.check_bool(affine, "affine")
+        track_running_stats = _checks.check_bool(track_running_stats, "track_running_stats")
         # The functional API's own checks, so a bad setting fails here rather than at the first call.
-        self.eps = F._check_eps(eps)
-        self.momentum = F._check_momentum(momentum)
+        self.eps = _checks.check_eps(eps)
+        self.momentum = _checks.check_momentum(momentum)
         params, stats = F.instance_norm_init(
             num_features, affine=affine, track_running_stats=track_running_stats, dtype=dtype
         )
@@ -118,19 +118,12 @@ class _InstanceNorm(Module):
 
 
 _ARGS_DOC = """
-    For every sample ``n`` and channel ``c``, with the mean :math:`\\mu` and
-    the biased variance :math:`\\sigma^2` over the spatial axes:
-
-    .. math::
-
-        y = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}\\,\\gamma_c + \\beta_c
-
-    In training mode with ``track_running_stats``, the running statistics are
-    updated in place: ``r = (1 - m) r + m * s`` with ``s`` the batch average of
-    the instance means and unbiased instance variances, ``m = momentum``, or
-    ``1 / num_batches_tracked`` (the cumulative average) when ``momentum`` is
-    ``None``. In eval mode they replace the instance statistics. Unbatched
-    input behaves as a batch of one.
+    Normalizes every ``(n, c)`` instance with its own statistics in training
+    mode (updating the running statistics in place when it tracks them), and
+    with the running statistics in eval mode; unbatched input behaves as a
+    batch of one. The computation is :func:`lucid.nn.functional.instance_norm_apply`;
+    its rules (formula, running statistics, ``momentum=None``) are stated once,
+    in the Semantics section of lucid's README.
 
     The defaults follow lucid's reference pages: ``affine=True`` and
     ``track_running_stats=True`` (PyTorch defaults both to ``False``). Unlike
