@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-
 from cases import Case, lucid_arrays, lucid_forward, lucid_forward_backward, make_inputs
 
 _DTYPE_BYTES = {
@@ -225,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         "forward": (lucid_forward(case), (x, w, b)),
         "forward+backward": (lucid_forward_backward(case), (x, w, b, g)),
     }
-    print(f"lucid on {case.label} (array {case.array_shape}, {case.nbytes / 2**20:.1f} MiB input), jax {jax.__version__}")
+    size = f"{case.nbytes / 2**20:.1f} MiB"
+    print(f"lucid on {case.label} (array {case.array_shape}, {size} input), jax {jax.__version__}")
     for title, (fn, fn_args) in programs.items():
         compiled = jax.jit(fn).lower(*fn_args).compile()
         print()

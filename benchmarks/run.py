@@ -64,8 +64,16 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as TF
-
-from cases import FULL_CASES, QUICK_CASES, Case, Inputs, lucid_arrays, lucid_forward, lucid_forward_backward, make_inputs
+from cases import (
+    FULL_CASES,
+    QUICK_CASES,
+    Case,
+    Inputs,
+    lucid_arrays,
+    lucid_forward,
+    lucid_forward_backward,
+    make_inputs,
+)
 
 #: glibc malloc settings (mallopt(3)) under which freed memory stays in the
 #: process and is reused: no mmap'd chunks, no trimming, and one arena, so
@@ -250,7 +258,9 @@ def _time_batch(bench: Bench, calls: int, settle: float) -> float:
         gc.enable()
 
 
-def measure(benches: Mapping[tuple[str, str], Bench], repeats: int, batch_seconds: float) -> dict[tuple[str, str], float]:
+def measure(
+    benches: Mapping[tuple[str, str], Bench], repeats: int, batch_seconds: float
+) -> dict[tuple[str, str], float]:
     """The minimum seconds per call of every bench over ``repeats`` interleaved rounds.
 
     Each bench first runs twice (compilation, first touch of memory, thread
@@ -322,7 +332,9 @@ def accuracy(shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
     y_ref, dx_ref = _reference(x, w, b, g)
 
     def error(y: object, dx: object, to_nchw: bool = False) -> tuple[float, float]:
-        y, dx = (np.moveaxis(np.asarray(a, np.float64), -1, 1) if to_nchw else np.asarray(a, np.float64) for a in (y, dx))
+        y, dx = (np.asarray(a, np.float64) for a in (y, dx))
+        if to_nchw:
+            y, dx = (np.moveaxis(a, -1, 1) for a in (y, dx))
         return float(np.abs(y - y_ref).max()), float(np.abs(dx - dx_ref).max())
 
     out = {}
@@ -501,7 +513,8 @@ def bar_chart(results: list[CaseResult], path: Path) -> None:
     for ax, mode in zip(axes, MODES):
         for i, who in enumerate(CONTENDERS):
             values = [r.x_copy(who, mode) for r in results]
-            bars = ax.bar(positions + (i - (len(CONTENDERS) - 1) / 2) * width, values, width, label=who, color=colors[who])
+            offset = (i - (len(CONTENDERS) - 1) / 2) * width
+            bars = ax.bar(positions + offset, values, width, label=who, color=colors[who])
             ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7, padding=1)
         ax.axhline(1.0, color="black", linewidth=1, label="copy")
         target = TARGET_X_COPY[mode]

@@ -19,12 +19,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # write files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from tqdm import tqdm
 
-import lucid  # noqa: E402
-import lucid.nn as nn  # noqa: E402
+import lucid
+import lucid.nn as nn
 
 CHANNELS = 3
 TARGET_WEIGHT = np.array([2.0, 0.5, -1.0], np.float32)

@@ -25,14 +25,14 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")  # write files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import skimage.data  # noqa: E402
-import skimage.transform  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+import skimage.data
+import skimage.transform
+from tqdm import tqdm
 
-import lucid.nn.functional as F  # noqa: E402
+import lucid.nn.functional as F
 
 Tree = dict[str, Any]
 

@@ -154,7 +154,9 @@ def _to_jax(data: Any, dtype: Any = None) -> jax.Array:
     try:
         array = np.asarray(as_array(data, f"a Tensor's data ({type(data).__name__})"))
     except TypeError as e:
-        raise TypeError(f"cannot make a Tensor from {type(data).__name__}: it does not convert to a numeric array.") from e
+        raise TypeError(
+            f"cannot make a Tensor from {type(data).__name__}: it does not convert to a numeric array."
+        ) from e
     if dtype is None and array.dtype == np.float64 and not isinstance(data, (np.ndarray, np.generic)):
         array = array.astype(np.float32)
     # JAX stores 64-bit integers in 32 bits unless jax_enable_x64 is on; it would wrap silently.

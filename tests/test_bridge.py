@@ -295,7 +295,9 @@ def test_apply_with_traced_inputs_needs_an_explicit_mode(rng):
     norm = nn.InstanceNorm1d(2)
     params, stats = norm.pytrees()
     x = (rng.normal(size=(2, 2, 5)) + 3).astype(np.float32)
-    current_mode = lambda p, s, x: norm.apply(p, s, x)  # noqa: E731
+    def current_mode(p, s, x):
+        return norm.apply(p, s, x)
+
     with pytest.raises(TypeError, match="training=True or training=False"):
         jax.jit(current_mode)(params, stats, x)
     with pytest.raises(TypeError, match="training=True or training=False"):
@@ -331,7 +333,8 @@ def test_vmap_over_apply_is_one_module_per_member_like_torch(rng):
     stats["num_batches_tracked"] = jnp.zeros(members, jnp.int32)
     x = (rng.normal(size=(members, *shape)) * 0.05).astype(np.float32)
     for training in (True, False):  # train (stats move), then eval with the moved stats
-        y, stats = jax.jit(jax.vmap(lambda p, s, x: norm.apply(p, s, x, training=training)))(params, stats, x)
+        step = jax.vmap(lambda p, s, x, training=training: norm.apply(p, s, x, training=training))
+        y, stats = jax.jit(step)(params, stats, x)
         for i, t in enumerate(theirs):
             np.testing.assert_allclose(y[i], t.train(training)(torch.tensor(x[i])).detach().numpy(),
                                        atol=5e-5, rtol=1e-5)

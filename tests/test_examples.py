@@ -7,6 +7,7 @@ last line it prints is a JSON report whose numbers are checked here.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,20 +16,26 @@ import matplotlib.image as mpimg
 import numpy as np
 import skimage.data
 
+import lucid
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def run_example(script: str, *args: str, cwd: Path) -> dict:
-    """Run ``examples/<script>`` with ``args`` in ``cwd``; return its final JSON report."""
+def run_example(script: str, *args: str, cwd: Path, report: bool = True) -> dict | str:
+    """Run ``examples/<script>`` with ``args`` in ``cwd`` as a user would; return its final JSON
+    report (or, with ``report=False``, everything it printed)."""
     env = dict(os.environ)
     # The suite fakes 8 CPU devices (conftest); an example should see the machine as a user does.
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr[-3000:]}"
+    if not report:
+        return result.stdout
     assert "training" in result.stderr, "the progress bar should be on stderr"
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -71,3 +78,37 @@ def test_style_transfer_stylizes_the_bundled_photo(tmp_path):
 
     assert report["loss_last"] < 0.5 * report["loss_first"]
     assert 0.0 <= report["output_min"] <= report["output_max"] <= 1.0
+
+
+def test_module_api_trains_saves_and_matches_torch(tmp_path):
+    report = run_example("module_api.py", "--steps", "40", "--out", str(tmp_path), cwd=tmp_path)
+    assert report["last_loss"] < 1e-3 * report["first_loss"]
+    assert report["reload_identical"] is True
+    assert report["torch_max_abs_diff"] < 1e-4
+    image = read_png(tmp_path / "module_api_training.png")
+    assert image.shape[0] > 100
+    state = lucid.load(tmp_path / "module_api_state.npz")
+    assert sorted(state) == ["bias", "num_batches_tracked", "running_mean", "running_var", "weight"]
+    assert int(state["num_batches_tracked"]) == 40
+
+
+def test_data_parallel_runs_on_eight_devices_it_sets_up_itself(tmp_path):
+    # The runner passes no device count: the example must ask for 8 host devices on its own.
+    out = run_example("data_parallel.py", "--steps", "3", cwd=tmp_path, report=False)
+    assert out.startswith("8 devices (cpu, 1 process(es)), batch of 64"), out
+
+    # The oracle: the same step on one device.
+    gap = float(re.search(r"on one device: max \|difference\| = (\S+)", out).group(1))
+    assert gap < 1e-5, out
+    assert "running statistics identical on all 8 local devices: True" in out
+
+    losses = [float(v) for v in re.findall(r"^step +\d+ +loss (\S+)", out, flags=re.M)]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), out
+    # Cross-entropy of 4 classes starts near log(4) for a fresh network.
+    assert 0.5 * math.log(4) < losses[0] < 3 * math.log(4), out
+    accuracies = re.search(r"\(chance: 0\.25\): (\S+) with instance statistics, (\S+) with", out)
+    assert accuracies and all(0 <= float(a) <= 1 for a in accuracies.groups()), out
+
+    plot = tmp_path / "data_parallel_loss.png"
+    assert f"saved {plot}" in out
+    read_png(plot)

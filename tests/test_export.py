@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import np_instance_norm, torch_instance_norm
 from jax import export
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from oracles import np_instance_norm, torch_instance_norm
 
 import lucid.nn.functional as F
 from lucid.nn import _native

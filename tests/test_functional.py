@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import np_instance_norm, ref_instance_norm, torch_instance_norm
+from oracles import np_instance_norm, ref_instance_norm, torch_instance_norm
 
 import lucid.nn.functional as F
 
@@ -136,7 +136,8 @@ def test_channels_last_equals_transposed_channels_first(rng, kind, training):
     y1, s1 = F.instance_norm_apply(params, stats, x, training=training)
     x_last = np.moveaxis(x, 1, -1)
     y2, s2 = F.instance_norm_apply(params, stats, x_last, training=training, channel_axis=-1)
-    np.testing.assert_allclose(np.moveaxis(np.asarray(y2), -1, 1), y1, rtol=1e-6, atol=1e-6)  # a few ulps: sums run in another order
+    # a few ulps: sums run in another order
+    np.testing.assert_allclose(np.moveaxis(np.asarray(y2), -1, 1), y1, rtol=1e-6, atol=1e-6)
     for k in stats:
         np.testing.assert_allclose(s1[k], s2[k], rtol=1e-5)
 
@@ -158,7 +159,7 @@ def test_mask_normalizes_each_item_as_if_alone_and_unpadded(rng):
         x[i, :, : item.shape[1]] = item
     mask = np.arange(length)[None, None, :] < np.array(lengths)[:, None, None]
     params, stats = F.instance_norm_init(c)
-    params = {"weight": jnp.asarray(rng.normal(size=c), jnp.float32), "bias": jnp.asarray(rng.normal(size=c), jnp.float32)}
+    params = {k: jnp.asarray(rng.normal(size=c), jnp.float32) for k in ("weight", "bias")}
     y, new = F.instance_norm_apply(params, stats, x, mask=mask)
     for i, item in enumerate(items):
         alone = np_instance_norm(item[None], params["weight"], params["bias"])[0]
@@ -248,24 +249,28 @@ def test_init_matches_torch_state_dict_layout():
 
 # ---------------------------------------------------------------- errors
 
+X = jnp.ones((2, 3, 4))
+STATS = {"running_mean": jnp.zeros(3), "running_var": jnp.ones(3)}
 BAD_CALLS = [
     ("2D input", lambda: F.instance_norm(jnp.ones((2, 3))), ValueError, "at least one spatial"),
     ("one spatial element", lambda: F.instance_norm(jnp.ones((2, 3, 1, 1))), ValueError, "spatial"),
     ("integer input", lambda: F.instance_norm(jnp.ones((2, 3, 4), jnp.int32)), TypeError, "floating"),
     ("bool input", lambda: F.instance_norm(jnp.ones((2, 3, 4), bool)), TypeError, "floating"),
-    ("weight shape", lambda: F.instance_norm(jnp.ones((2, 3, 4)), weight=jnp.ones(4)), ValueError, r"\(3,\)"),
-    ("bias shape", lambda: F.instance_norm(jnp.ones((2, 3, 4)), bias=jnp.ones((3, 1))), ValueError, r"\(3,\)"),
-    ("running_mean shape", lambda: F.instance_norm(jnp.ones((2, 3, 4)), jnp.ones(2), jnp.ones(3)), ValueError, "running_mean"),
-    ("running_var alone", lambda: F.instance_norm(jnp.ones((2, 3, 4)), None, jnp.ones(3)), ValueError, "both"),
-    ("channel_axis range", lambda: F.instance_norm_apply({}, {}, jnp.ones((2, 3, 4)), channel_axis=3), ValueError, "channel_axis"),
-    ("channel_axis batch", lambda: F.instance_norm_apply({}, {}, jnp.ones((2, 3, 4)), channel_axis=0), ValueError, "batch"),
-    ("mask shape", lambda: F.instance_norm_apply({}, {}, jnp.ones((2, 3, 4)), mask=jnp.ones((2, 3, 5), bool)), ValueError, "broadcast"),
-    ("mask dtype", lambda: F.instance_norm_apply({}, {}, jnp.ones((2, 3, 4)), mask=jnp.ones((2, 3, 4))), TypeError, "boolean"),
-    ("momentum range", lambda: F.instance_norm(jnp.ones((2, 3, 4)), momentum=1.5), ValueError, "momentum"),
-    ("eps", lambda: F.instance_norm(jnp.ones((2, 3, 4)), eps=-1.0), ValueError, "eps"),
-    ("unknown param key", lambda: F.instance_norm_apply({"gamma": jnp.ones(3)}, {}, jnp.ones((2, 3, 4))), ValueError, "gamma"),
-    ("cumulative without count", lambda: F.instance_norm_apply(
-        {}, {"running_mean": jnp.zeros(3), "running_var": jnp.ones(3)}, jnp.ones((2, 3, 4)), momentum=None), ValueError, "num_batches_tracked"),
+    ("weight shape", lambda: F.instance_norm(X, weight=jnp.ones(4)), ValueError, r"\(3,\)"),
+    ("bias shape", lambda: F.instance_norm(X, bias=jnp.ones((3, 1))), ValueError, r"\(3,\)"),
+    ("running_mean shape", lambda: F.instance_norm(X, jnp.ones(2), jnp.ones(3)), ValueError, "running_mean"),
+    ("running_var alone", lambda: F.instance_norm(X, None, jnp.ones(3)), ValueError, "both"),
+    ("channel_axis range", lambda: F.instance_norm_apply({}, {}, X, channel_axis=3), ValueError, "channel_axis"),
+    ("channel_axis batch", lambda: F.instance_norm_apply({}, {}, X, channel_axis=0), ValueError, "batch"),
+    ("mask shape", lambda: F.instance_norm_apply({}, {}, X, mask=jnp.ones((2, 3, 5), bool)), ValueError, "broadcast"),
+    ("mask dtype", lambda: F.instance_norm_apply({}, {}, X, mask=jnp.ones((2, 3, 4))), TypeError, "boolean"),
+    ("momentum range", lambda: F.instance_norm(X, momentum=1.5), ValueError, "momentum"),
+    ("eps", lambda: F.instance_norm(X, eps=-1.0), ValueError, "eps"),
+    ("unknown param key", lambda: F.instance_norm_apply({"gamma": jnp.ones(3)}, {}, X), ValueError, "gamma"),
+    ("cumulative without count", lambda: F.instance_norm_apply({}, STATS, X, momentum=None), ValueError,
+     "num_batches_tracked"),
+    ("unknown implementation", lambda: F.instance_norm_apply({}, {}, X, implementation="cuda"), ValueError,
+     "implementation"),
 ]
 
 

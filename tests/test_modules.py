@@ -191,7 +191,8 @@ def test_channel_mismatch(rng, affine, track):
     ours = nn.InstanceNorm2d(3, affine=affine, track_running_stats=track)
     before = _state(ours)
     if affine or track:
-        with pytest.raises(ValueError, match=re.escape("expected input's size at dim=1 to match num_features (3), but got: 4.")):
+        message = "expected input's size at dim=1 to match num_features (3), but got: 4."
+        with pytest.raises(ValueError, match=re.escape(message)):
             ours(Tensor(x))
         with pytest.raises(ValueError, match=re.escape("at dim=0")):
             ours(Tensor(x[0]))
@@ -403,7 +404,7 @@ def test_registration_rules():
     with pytest.raises(ValueError, match="'.'"):
         net.register_buffer("a.b", Tensor(0.0))
     with pytest.raises(AttributeError, match="no attribute 'missing'"):
-        net.missing  # noqa: B018
+        net.missing  # noqa: B018 (the attribute access itself is what must raise)
     del net.norm
     assert "norm.weight" not in net.state_dict()
 

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import np_instance_norm, ref_instance_norm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from oracles import np_instance_norm, ref_instance_norm
 
 import lucid.nn.functional as F
 
@@ -101,6 +101,14 @@ def test_large_outputs_streamed_past_the_cache_are_exact(rng, shape, axis, dtype
     np.testing.assert_allclose(np.asarray(gx, np.float32), want_gx, **tol)
 
 
+def _lucid_output(x, w, b):
+    return _apply(x, w, b)[0]
+
+
+def _reference_output(x, w, b):
+    return ref_instance_norm(x, w, b)[0]
+
+
 def _output_and_input_gradient(fn, x, g):
     y, pull = jax.vjp(fn, x)
     return y, pull(g)[0]
@@ -121,8 +129,7 @@ def test_gradients_through_the_kernel_match_jax_grad_of_the_reference(rng):
     def loss(fn):
         return lambda x, w, b: jnp.sum(fn(x, w, b) * g)
 
-    lucid_fn = lambda x, w, b: _apply(x, w, b)[0]  # noqa: E731
-    reference = lambda x, w, b: ref_instance_norm(x, w, b)[0]  # noqa: E731
+    lucid_fn, reference = _lucid_output, _reference_output
     assert _uses_kernel(lambda x: lucid_fn(x, w, b), x)
     got = jax.jit(jax.grad(loss(lucid_fn), argnums=(0, 1, 2)))(x, w, b)
     want = jax.grad(loss(reference), argnums=(0, 1, 2))(x, w, b)
@@ -288,8 +295,7 @@ def test_backward_kernel_higher_orders_and_transposition(rng):
     x = (rng.normal(size=(2, 3, 5, 4)) * 1.5 + 1.0).astype(np.float32)
     w, b = rng.normal(size=3).astype(np.float32), rng.normal(size=3).astype(np.float32)
     g = rng.normal(size=x.shape).astype(np.float32)
-    lucid_fn = lambda x, w, b: _apply(x, w, b)[0]  # noqa: E731
-    reference = lambda x, w, b: ref_instance_norm(x, w, b)[0]  # noqa: E731
+    lucid_fn, reference = _lucid_output, _reference_output
 
     def grad_norm(fn):
         return lambda x, w: jnp.sum(jax.grad(lambda x, w: jnp.sum(fn(x, w, b) * g), argnums=(0, 1))(x, w)[0] ** 2)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import reference, reference_running_stats
 
 import lucid.nn.functional as F
 
@@ -41,22 +42,11 @@ def problems(draw):
 
 def _expected(p, x64, mask):
     """float64 NumPy: output, new running mean and var (channels-first)."""
-    axes = tuple(range(2, x64.ndim))
-    m = np.ones_like(x64) if mask is None else np.broadcast_to(mask, x64.shape).astype(np.float64)
-    count = np.maximum(m.sum(axis=axes, keepdims=True), 1)
-    mean = (x64 * m).sum(axis=axes, keepdims=True) / count
-    var = (m * (x64 - mean) ** 2).sum(axis=axes, keepdims=True) / count
-    cs = (1, -1) + (1,) * len(axes)
-    if p["training"]:
-        y = (x64 - mean) / np.sqrt(var + 1e-5)
-        factor = 1.0 if p["momentum"] is None else p["momentum"]  # first batch: 1 / num_batches_tracked
-        unbiased = var * count / np.maximum(count - 1, 1)
-        rm = (1 - factor) * p["running_mean"] + factor * mean.reshape(mean.shape[:2]).mean(axis=0)
-        rv = (1 - factor) * p["running_var"] + factor * unbiased.reshape(var.shape[:2]).mean(axis=0)
-    else:
-        y = (x64 - p["running_mean"].reshape(cs)) / np.sqrt(p["running_var"].reshape(cs) + 1e-5)
-        rm, rv = p["running_mean"], p["running_var"]
-    return y * p["weight"].reshape(cs) + p["bias"].reshape(cs), rm, rv
+    stats = (p["running_mean"], p["running_var"])
+    y = reference(x64, p["weight"], p["bias"], *stats, training=p["training"], mask=mask)[0]
+    if not p["training"]:
+        return y, *stats
+    return y, *reference_running_stats(x64, *stats, momentum=p["momentum"], mask=mask)
 
 
 @SETTINGS

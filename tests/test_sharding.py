@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import np_instance_norm, ref_instance_norm, torch_instance_norm
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from oracles import np_instance_norm, ref_instance_norm, torch_instance_norm
 
 import lucid.nn.functional as F
 

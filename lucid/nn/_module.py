@@ -81,7 +81,8 @@ def _converted(value: Any, target: Tensor, name: str) -> jax.Array:
     dtype = target.dtype
     if jnp.issubdtype(dtype, jnp.integer):
         host = np.asarray(array)
-        if not jnp.issubdtype(host.dtype, jnp.integer) or not np.array_equal(host.astype(dtype).astype(host.dtype), host):
+        fits = jnp.issubdtype(host.dtype, jnp.integer) and np.array_equal(host.astype(dtype).astype(host.dtype), host)
+        if not fits:
             raise ValueError(f"{name!r} must hold integers that fit in {dtype}, got {host.dtype} values {host}.")
     if isinstance(array, jax.Array):
         return array.astype(dtype)
@@ -163,11 +164,15 @@ class Module:
             self._parameters[name] = None
         elif name in self.__dict__.get("_modules", {}):
             if value is not None:
-                raise TypeError(f"cannot assign {type(value).__name__} as child module {name!r} (Module or None expected).")
+                raise TypeError(
+                    f"cannot assign {type(value).__name__} as child module {name!r} (Module or None expected)."
+                )
             self._modules[name] = None
         elif name in self.__dict__.get("_buffers", {}):
             if value is not None and not isinstance(value, Tensor):
-                raise TypeError(f"cannot assign {type(value).__name__} as buffer {name!r} (lucid.Tensor or None expected).")
+                raise TypeError(
+                    f"cannot assign {type(value).__name__} as buffer {name!r} (lucid.Tensor or None expected)."
+                )
             self._buffers[name] = value
         else:
             object.__setattr__(self, name, value)
@@ -271,7 +276,9 @@ class Module:
         """
         self._check_new_name(name, "parameter")
         if param is not None and not isinstance(param, Parameter):
-            raise TypeError(f"cannot register {type(param).__name__} as parameter {name!r} (Parameter or None expected).")
+            raise TypeError(
+                f"cannot register {type(param).__name__} as parameter {name!r} (Parameter or None expected)."
+            )
         self._forget(name)
         self._registry("_parameters")[name] = param
 
