@@ -780,3 +780,39 @@ def test_a_replaced_file_gets_default_permissions(tmp_path):
     lucid.save({"a": np.ones(2)}, path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
 
+
+# ------------------------------------------------------------------------------------------ load_state_dict
+
+
+@pytest.mark.parametrize("value", [
+    np.array([None, 1, 2], dtype=object),
+    np.array(["1", "2", "3"]),
+    np.array([b"1", b"2", b"3"]),
+    np.array([1 + 0j, 2, 3], np.complex64),
+    jnp.array([1 + 0j, 2, 3], jnp.complex64),
+    torch.tensor([1 + 0j, 2, 3]),
+    np.zeros(3, [("a", "<f4")]),
+    np.zeros(3, "V4"),
+    np.zeros(3, "m8[s]"),
+], ids=lambda v: str(v.dtype))
+def test_load_state_dict_refuses_values_that_are_not_real_numbers_and_changes_nothing(value):
+    norm = nn.InstanceNorm1d(3)
+    before = {k: np.asarray(v) for k, v in norm.state_dict().items()}
+    state = {k: v + 1 for k, v in before.items()}  # every other value valid, and different
+    state["running_mean"] = value
+    with pytest.raises(TypeError, match=r"'running_mean' has dtype .*real numbers or booleans") as error:
+        norm.load_state_dict(state)
+    assert str(np.asarray(value).dtype) in str(error.value)
+    for k, v in norm.state_dict().items():
+        assert _bits(np.asarray(v)) == _bits(before[k]), k  # nothing assigned, the valid values included
+
+
+def test_load_state_dict_takes_every_real_dtype(rng):
+    """Booleans, integers and floats of every width, JAX's narrow floats included, load as the target's dtype
+    (the oracle: NumPy's cast of the same values)."""
+    for dtype in (np.bool_, np.int8, np.uint16, np.int64, np.float16, jnp.bfloat16, ml_dtypes.float8_e4m3fn,
+                  np.float64):
+        value = rng.integers(0, 2, size=3).astype(dtype)
+        norm = nn.InstanceNorm1d(3)
+        norm.load_state_dict({**norm.state_dict(), "running_var": value})
+        np.testing.assert_array_equal(np.asarray(norm.running_var.data), value.astype(np.float32))
