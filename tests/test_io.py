@@ -702,8 +702,8 @@ def test_devices_and_fifos_are_refused_without_reading_or_blocking(tmp_path):
         "    except ValueError as error:\n"
         "        print(error)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, "/dev/zero", os.fspath(fifo)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script, "/dev/zero", os.fspath(fifo)], capture_output=True,
+                            text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(lucid.__file__)))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and all("is not a regular file" in line for line in lines), result.stdout
