@@ -77,6 +77,12 @@ def _check_shape(name: str, shape: tuple[int, ...], target: Tensor) -> None:
 def _converted(value: Any, target: Tensor, name: str) -> jax.Array:
     """``value`` as a ``jax.Array`` of ``target``'s shape and dtype, checked first."""
     array = stored_array(value, repr(name))
+    given = np.dtype(array.dtype)
+    # NumPy would cast these without complaint: None to nan, "1.5" to 1.5, a complex number to its real part.
+    # (JAX's extra types, bfloat16, float8 and int4, are of kind "V" to NumPy.)
+    if not (given.kind in "biuf" or (given.kind == "V" and (jnp.issubdtype(given, jnp.floating)
+                                                            or jnp.issubdtype(given, jnp.integer)))):
+        raise TypeError(f"{name!r} has dtype {given}; state values must hold real numbers or booleans.")
     _check_shape(name, array.shape, target)
     dtype = target.dtype
     if jnp.issubdtype(dtype, jnp.integer):
@@ -590,7 +596,8 @@ class Module:
         Raises:
             ValueError: under ``strict``, missing or unexpected keys; in any
                 mode, a value of the wrong shape (or an integer that does not fit).
-            TypeError: ``state_dict`` is not a mapping, or a value is not an array.
+            TypeError: ``state_dict`` is not a mapping, or a value is not an array
+                of real numbers or booleans (object, string, complex, structured).
 
         Example:
             >>> import numpy as np
