@@ -110,13 +110,13 @@ def test_vmap_checkpoint_and_jit_agree_with_the_reference(rng):
 
     def loss(x, params):
         y, new = F.instance_norm_apply(params, stats, x)
-        return jnp.sum(y ** 2 * jnp.arange(y.size).reshape(y.shape) % 3) + new["running_var"].sum()
+        return jnp.sum((y ** 2 * jnp.arange(y.size).reshape(y.shape)) % 3) + new["running_var"].sum()
 
     def ref_loss(x, params):
         y, _, var, count = ref_instance_norm(x, params["weight"], params["bias"])
         unbiased = (var * count / (count - 1)).mean(axis=(0, 2, 3))
-        weights = jnp.arange(y.size).reshape(y.shape) % 3
-        return jnp.sum(y ** 2 * weights) + jnp.sum(0.9 * stats["running_var"] + 0.1 * unbiased)
+        iota = jnp.arange(y.size).reshape(y.shape)
+        return jnp.sum((y ** 2 * iota) % 3) + jnp.sum(0.9 * stats["running_var"] + 0.1 * unbiased)
 
     expected = jax.vmap(jax.grad(ref_loss, argnums=(0, 1)), in_axes=(0, None))(x, params)
     for wrap in (lambda f: f, jax.checkpoint, jax.jit):

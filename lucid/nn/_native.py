@@ -8,8 +8,9 @@ where they compute exactly what the pure-XLA path does (:func:`applies`):
 
 * on CPU: the primitives lower to the kernels on CPU only, so programs
   lowered for GPU or TPU (``jax.export`` included) carry the XLA path;
-* float32 or bfloat16 input, float32 statistics, no mask, spatial axes not
-  split across devices (no ``spatial_axis_name``, no mesh in context);
+* float32 or bfloat16 input, float32 statistics, no mask, no
+  ``spatial_axis_name`` (under sharding, :mod:`lucid.nn._partitioning` runs
+  the kernel on every device's block);
 * when the compiled library is present (``pip install`` builds it; without a
   C++ compiler the install still succeeds and lucid uses XLA everywhere).
 
@@ -79,20 +80,6 @@ def pure_xla():
     return _default_implementation("xla")
 
 
-def _mesh_is_local() -> bool:
-    """True unless a mesh with automatically partitioned axes is in context.
-
-    Inside ``shard_map`` every axis is manual and each device sees its own
-    block, which the kernel handles; under ``jax.jit`` with a mesh, XLA would
-    have to gather a split input for an opaque call, so the XLA path is used.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return True
-    manual = jax.sharding.AxisType.Manual
-    return all(t == manual for t in mesh.axis_types)
-
-
 def channel_order(ndim: int, reduce_axes: tuple[int, ...]) -> int | None:
     """0 for ``(N, C, *spatial)``, 1 for ``(N, *spatial, C)``, ``None`` otherwise."""
     if reduce_axes == tuple(range(2, ndim)):
@@ -117,8 +104,6 @@ def _why_not(x, weight, bias, mask, reduce_axes, spatial_axis_name) -> str | Non
     for v in (weight, bias):
         if v is not None and jnp.promote_types(v.dtype, jnp.float32) != jnp.float32:
             return f"the kernel takes float32 weight and bias, got {v.dtype}"
-    if any(s is not None for s in getattr(jax.typeof(x).sharding, "spec", ())) or not _mesh_is_local():
-        return "a mesh in context runs on the XLA path"
     return None
 
 
@@ -168,6 +153,19 @@ def channel_vector(v, c: int, fill: float):
     return jnp.full((c,), fill, jnp.float32) if v is None else v.astype(jnp.float32).reshape(c)
 
 
+def vary_like(x, *values):
+    """``values`` marked to vary over (at least) the manual mesh axes ``x`` varies over.
+
+    Inside ``shard_map``, a replicated weight meets a sharded ``x`` in the
+    kernels' calls, which require operands that vary alike. A standard binary
+    operation with a zero that varies like ``x`` inserts JAX's implicit
+    broadcast to varying, whose transpose is the ``psum`` that the weight's
+    gradient needs (outside ``shard_map`` it is a plain ``+ 0`` on small arrays).
+    """
+    zero = jnp.zeros_like(x, shape=(), dtype=jnp.float32)
+    return [v + zero for v in values]
+
+
 def forward_call(x, weight, bias, *, eps: float, channels_last: int):
     """``(y, mean, residual, var)`` from the forward kernel, on its 4-d layout (see ``KernelView``).
 
@@ -176,7 +174,7 @@ def forward_call(x, weight, bias, *, eps: float, channels_last: int):
     """
     stat = jax.ShapeDtypeStruct(x.shape[:3] if not channels_last else (*x.shape[:2], x.shape[3]), jnp.float32)
     call = jax.ffi.ffi_call(_FORWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat, stat))
-    return call(x, weight, bias, eps=np.float32(eps), channels_last=np.int64(channels_last))
+    return call(x, *vary_like(x, weight, bias), eps=np.float32(eps), channels_last=np.int64(channels_last))
 
 
 def backward_call(x, gy, mean, residual, rstd, weight, gmean, gvar, *, channels_last: int):
@@ -185,4 +183,5 @@ def backward_call(x, gy, mean, residual, rstd, weight, gmean, gvar, *, channels_
     """
     stat = jax.ShapeDtypeStruct(mean.shape, jnp.float32)
     call = jax.ffi.ffi_call(_BACKWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat))
-    return call(x, gy, mean, residual, rstd, weight, gmean, gvar, channels_last=np.int64(channels_last))
+    small = vary_like(x, mean, residual, rstd, weight, gmean, gvar)
+    return call(x, gy, *small, channels_last=np.int64(channels_last))

@@ -216,6 +216,7 @@ def _apply(params, stats, x, mask, momentum, *, config, channel, training, axis_
     return _normalize.normalize_with_running_stats(x, rm, rv, weight, bias, config), stats
 
 
+
 # --------------------------------------------------------------------------
 # The reference page's function
 # --------------------------------------------------------------------------
