@@ -193,7 +193,10 @@ def train(steps: int, seed: int = 0) -> tuple[Tree, Tree, np.ndarray, np.ndarray
     return params, stats, np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accuracies))
 
 
-def plot_loss(losses: np.ndarray, metrics: dict[str, float], path: Path) -> None:
+def plot_loss(
+    losses: np.ndarray, metrics: dict[str, float], path: Path,
+    title: str = "Stripe textures under random contrast: lucid instance norm",
+) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label="train loss (per batch)")
@@ -205,7 +208,7 @@ def plot_loss(losses: np.ndarray, metrics: dict[str, float], path: Path) -> None
     for key, color, what in evals:
         ax.axhline(metrics[key], color=color, ls="--", lw=1.5, label=f"eval loss, {what} stats ({metrics[key]:.3f})")
     ax.axhline(math.log(len(CLASSES)), color="gray", ls=":", lw=1, label="chance (log 4)")
-    ax.set(xlabel="step", ylabel="cross-entropy", title="Stripe textures under random contrast: lucid instance norm")
+    ax.set(xlabel="step", ylabel="cross-entropy", title=title)
     ax.set_ylim(bottom=0)
     ax.legend(frameon=False)
     fig.tight_layout()
