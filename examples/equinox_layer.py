@@ -16,18 +16,18 @@ Run: ``python examples/equinox_layer.py [--steps N] [--out DIR]``
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from functional_training import BATCH_SIZE, CLASSES, EVAL_SIZE, LEARNING_RATE, TRUNK, make_batch, plot_loss
-from tqdm import tqdm
+from functional_training import (
+    CLASSES, EVAL_SIZE, LEARNING_RATE, TRUNK, eval_metrics, finish, loss_and_accuracy, make_batch,
+    parse_cli, training_loop,
+)
 
 import lucid.equinox
 import lucid.nn.functional as F
@@ -68,11 +68,6 @@ def batched(model: Net) -> Net:
     return jax.vmap(model, axis_name=AXIS, in_axes=(0, None), out_axes=(0, None))
 
 
-def loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-
-
 optimizer = optax.adam(LEARNING_RATE)
 
 
@@ -97,19 +92,16 @@ def evaluate(model: Net, state: eqx.nn.State, x: jax.Array, labels: jax.Array) -
 
 
 def train(steps: int, seed: int = 0) -> tuple[Net, eqx.nn.State, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
     model, state = eqx.nn.make_with_state(Net)(jax.random.key(seed))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
-    losses, accuracies = [], []
-    progress = tqdm(range(steps), desc="training", unit="step")
-    for i in progress:
-        x, labels = make_batch(rng, BATCH_SIZE)
+
+    def step(x: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        nonlocal model, state, opt_state
         model, state, opt_state, loss, accuracy = train_step(model, state, opt_state, x, labels)
-        losses.append(loss)
-        accuracies.append(accuracy)
-        if i % 20 == 0 or i == steps - 1:  # reading a value waits for the device: only now and then
-            progress.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(accuracy):.2f}")
-    return model, state, np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accuracies))
+        return loss, accuracy
+
+    losses, accuracies = training_loop(steps, np.random.default_rng(seed), step)
+    return model, state, losses, accuracies
 
 
 def eval_matches_functional(model: Net, state: eqx.nn.State, x: jax.Array) -> bool:
@@ -122,50 +114,21 @@ def eval_matches_functional(model: Net, state: eqx.nn.State, x: jax.Array) -> bo
     return bool(jnp.array_equal(y, expected))
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    parser.add_argument("--out", type=Path, default=Path("."), help="directory for the plot (default: .)")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    args.out.mkdir(parents=True, exist_ok=True)
-
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_cli(__doc__.split("\n\n")[0], argv)
     start = time.perf_counter()
     model, state, losses, accuracies = train(args.steps)
     x_eval, labels_eval = make_batch(np.random.default_rng(12345), EVAL_SIZE)
-    loss_instance, accuracy_instance = evaluate(model, state, x_eval, labels_eval)
+    instance = evaluate(model, state, x_eval, labels_eval)
     inference_model = eqx.nn.inference_mode(model)  # every InstanceNorm uses its running statistics
-    loss, accuracy = evaluate(inference_model, state, x_eval, labels_eval)
-    metrics = {
-        "eval_loss": float(loss),
-        "eval_accuracy": float(accuracy),
-        "eval_loss_instance_stats": float(loss_instance),
-        "eval_accuracy_instance_stats": float(accuracy_instance),
-    }
-    window = max(1, args.steps // 10)
-    report = {
-        "steps": args.steps,
-        "loss_first": float(losses[:window].mean()),
-        "loss_last": float(losses[-window:].mean()),
-        "train_accuracy_last": float(accuracies[-window:].mean()),
-        **metrics,
+    metrics = eval_metrics(evaluate(inference_model, state, x_eval, labels_eval), instance)
+    extra = {
         "num_batches_tracked": int(state.get(model.norms[0].state_index)["num_batches_tracked"]),
         "eval_matches_functional": eval_matches_functional(inference_model, state, x_eval[:64]),
-        "seconds": round(time.perf_counter() - start, 2),
     }
-    plot_path = args.out / "equinox_layer_loss.png"
-    plot_loss(losses, metrics, plot_path, title="Stripe textures, Equinox with lucid.equinox.InstanceNorm")
-
-    print(f"train loss {report['loss_first']:.3f} -> {report['loss_last']:.3f} "
-          f"(mean of the first / last {window} steps), train accuracy {report['train_accuracy_last']:.3f}")
-    print(f"eval on {EVAL_SIZE} held-out images, running statistics (inference_mode): loss {loss:.3f}, "
-          f"accuracy {accuracy:.3f}")
-    print(f"the same images, each normalized by its own statistics: loss {loss_instance:.3f}, "
-          f"accuracy {accuracy_instance:.3f}")
-    print(f"saved {plot_path}")
-    print(json.dumps(report))
-    return report
+    return finish(losses, accuracies, metrics, args.out / "equinox_layer_loss.png", start=start, extra=extra,
+                  running="running statistics (inference_mode)",
+                  title="Stripe textures, Equinox with lucid.equinox.InstanceNorm")
 
 
 if __name__ == "__main__":

@@ -14,18 +14,18 @@ Run: ``python examples/flax_nnx.py [--steps N] [--out DIR]``
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from functional_training import BATCH_SIZE, CLASSES, EVAL_SIZE, LEARNING_RATE, TRUNK, make_batch, plot_loss
-from tqdm import tqdm
+from functional_training import (
+    CLASSES, EVAL_SIZE, LEARNING_RATE, TRUNK, eval_metrics, finish, loss_and_accuracy, make_batch,
+    parse_cli, training_loop,
+)
 
 import lucid.flax
 import lucid.nn.functional as F
@@ -52,11 +52,6 @@ class Net(nnx.Module):
         return self.head(jnp.concatenate([h.mean(axis=(1, 2)), h.max(axis=(1, 2))], axis=-1))
 
 
-def loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-
-
 @nnx.jit
 def train_step(model: Net, optimizer: nnx.Optimizer, x: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One Adam step on the parameters; the calls in training mode update the running statistics."""
@@ -75,19 +70,13 @@ def evaluate(model: Net, x: jax.Array, labels: jax.Array) -> tuple[jax.Array, ja
 
 
 def train(steps: int, seed: int = 0) -> tuple[Net, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
     model = Net(nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, optax.adam(LEARNING_RATE), wrt=nnx.Param)
-    losses, accuracies = [], []
-    progress = tqdm(range(steps), desc="training", unit="step")
-    for i in progress:
-        x, labels = make_batch(rng, BATCH_SIZE)
-        loss, accuracy = train_step(model, optimizer, np.moveaxis(x, 1, -1), labels)  # NCHW -> NHWC
-        losses.append(loss)
-        accuracies.append(accuracy)
-        if i % 20 == 0 or i == steps - 1:  # reading a value waits for the device: only now and then
-            progress.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(accuracy):.2f}")
-    return model, np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accuracies))
+    def step(x: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        return train_step(model, optimizer, np.moveaxis(x, 1, -1), labels)  # the data come NCHW; Flax's is NHWC
+
+    losses, accuracies = training_loop(steps, np.random.default_rng(seed), step)
+    return model, losses, accuracies
 
 
 def eval_matches_functional(model: Net, x: jax.Array) -> bool:
@@ -100,52 +89,23 @@ def eval_matches_functional(model: Net, x: jax.Array) -> bool:
     return bool(jnp.array_equal(norm(h), expected))
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    parser.add_argument("--out", type=Path, default=Path("."), help="directory for the plot (default: .)")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    args.out.mkdir(parents=True, exist_ok=True)
-
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_cli(__doc__.split("\n\n")[0], argv)
     start = time.perf_counter()
     model, losses, accuracies = train(args.steps)
     x_eval, labels_eval = make_batch(np.random.default_rng(12345), EVAL_SIZE)
     x_eval = jnp.asarray(np.moveaxis(x_eval, 1, -1))
     # A clone in training mode: each image's own statistics; its running statistics change, the model's do not.
-    loss_instance, accuracy_instance = evaluate(nnx.clone(model), x_eval, labels_eval)
+    instance = evaluate(nnx.clone(model), x_eval, labels_eval)
     model.eval()  # use_running_average=True in every InstanceNorm
-    loss, accuracy = evaluate(model, x_eval, labels_eval)
-    metrics = {
-        "eval_loss": float(loss),
-        "eval_accuracy": float(accuracy),
-        "eval_loss_instance_stats": float(loss_instance),
-        "eval_accuracy_instance_stats": float(accuracy_instance),
-    }
-    window = max(1, args.steps // 10)
-    report = {
-        "steps": args.steps,
-        "loss_first": float(losses[:window].mean()),
-        "loss_last": float(losses[-window:].mean()),
-        "train_accuracy_last": float(accuracies[-window:].mean()),
-        **metrics,
+    metrics = eval_metrics(evaluate(model, x_eval, labels_eval), instance)
+    extra = {
         "num_batches_tracked": int(model.norms[0].num_batches_tracked[...]),
         "eval_matches_functional": eval_matches_functional(model, x_eval[:64]),
-        "seconds": round(time.perf_counter() - start, 2),
     }
-    plot_path = args.out / "flax_nnx_loss.png"
-    plot_loss(losses, metrics, plot_path, title="Stripe textures, Flax NNX with lucid.flax.InstanceNorm")
-
-    print(f"train loss {report['loss_first']:.3f} -> {report['loss_last']:.3f} "
-          f"(mean of the first / last {window} steps), train accuracy {report['train_accuracy_last']:.3f}")
-    print(f"eval on {EVAL_SIZE} held-out images, running statistics (model.eval()): loss {loss:.3f}, "
-          f"accuracy {accuracy:.3f}")
-    print(f"the same images, each normalized by its own statistics: loss {loss_instance:.3f}, "
-          f"accuracy {accuracy_instance:.3f}")
-    print(f"saved {plot_path}")
-    print(json.dumps(report))
-    return report
+    return finish(losses, accuracies, metrics, args.out / "flax_nnx_loss.png", start=start, extra=extra,
+                  running="running statistics (model.eval())",
+                  title="Stripe textures, Flax NNX with lucid.flax.InstanceNorm")
 
 
 if __name__ == "__main__":
