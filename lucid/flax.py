@@ -65,7 +65,7 @@ class InstanceNorm(nnx.Module):
             instance statistics too.
         use_running_average: normalize with the running statistics (and leave them
             unchanged) instead of the instance statistics.
-        axis_name: name(s) of mapped axes (``shard_map``, ``pmap``, ``nnx.vmap``) that
+        axis_name: name(s) of mapped axes (``shard_map``, ``pmap``) that
             split the batch: the running statistics average over the whole batch. Used
             in training only (evaluation updates nothing), as in ``nnx.BatchNorm``.
         dtype: dtype of the parameters and running statistics (default float32). The

@@ -75,6 +75,18 @@ def test_vmap_with_axis_name_matches_functional_over_the_whole_batch(rng, spatia
     assert_same_tree(_stats(norm, state_after), stats)  # inference changes nothing
 
 
+def test_a_tuple_of_axis_names_averages_over_nested_vmaps(rng):
+    """Two named axes (say devices and per-device batch): the statistics of all their samples."""
+    norm, state, params, stats = _make(rng, axis_name=("outer", "inner"))
+    x = _x(rng, (6, C, 5, 5))
+    inner = jax.vmap(norm, axis_name="inner", in_axes=(0, None), out_axes=(0, None))
+    outer = jax.vmap(inner, axis_name="outer", in_axes=(0, None), out_axes=(0, None))
+    y, state = outer(x.reshape(2, 3, C, 5, 5), state)
+    y_ref, stats = F.instance_norm_apply(params, stats, x)
+    np.testing.assert_array_equal(np.asarray(y).reshape(x.shape), np.asarray(y_ref))
+    assert_same_tree(_stats(norm, state), stats, ulps=4)
+
+
 def test_one_unbatched_sample_is_a_batch_of_one(rng):
     norm, state, params, stats = _make(rng)
     x = _x(rng, (1, C, 7, 7))
