@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,15 +165,18 @@ def train_step(
 def evaluate(params: Tree, stats: Tree, x: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
     """Loss and accuracy with running statistics (``training=False``) and, for contrast, instance statistics."""
     logits, _ = apply_model(params, stats, x, training=False)
-    loss, accuracy = loss_and_accuracy(logits, labels)
     # training=True normalizes with each image's own statistics; the returned stats are dropped.
     logits_instance, _ = apply_model(params, stats, x, training=True)
-    loss_instance, accuracy_instance = loss_and_accuracy(logits_instance, labels)
+    return eval_metrics(loss_and_accuracy(logits, labels), loss_and_accuracy(logits_instance, labels))
+
+
+def eval_metrics(running: tuple[Any, Any], instance: tuple[Any, Any]) -> dict[str, Any]:
+    """The report's names for (loss, accuracy) with running statistics and with instance statistics."""
     return {
-        "eval_loss": loss,
-        "eval_accuracy": accuracy,
-        "eval_loss_instance_stats": loss_instance,
-        "eval_accuracy_instance_stats": accuracy_instance,
+        "eval_loss": running[0],
+        "eval_accuracy": running[1],
+        "eval_loss_instance_stats": instance[0],
+        "eval_accuracy_instance_stats": instance[1],
     }
 
 
@@ -181,19 +185,39 @@ def train(steps: int, seed: int = 0) -> tuple[Tree, Tree, np.ndarray, np.ndarray
     rng = np.random.default_rng(seed)
     params, stats = init_model(rng)
     opt_state = optimizer.init(params)
+
+    def step(x: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        nonlocal params, opt_state, stats
+        params, opt_state, stats, loss, accuracy = train_step(params, opt_state, stats, x, labels)
+        return loss, accuracy
+
+    losses, accuracies = training_loop(steps, rng, step)
+    return params, stats, losses, accuracies
+
+
+def training_loop(
+    steps: int, rng: np.random.Generator, step: Callable[[np.ndarray, np.ndarray], tuple[jax.Array, jax.Array]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Feed ``steps`` fresh batches to ``step(x, labels) -> (loss, accuracy)`` under a progress bar.
+
+    Returns the per-step losses and accuracies.
+    """
     losses, accuracies = [], []
     progress = tqdm(range(steps), desc="training", unit="step")
     for i in progress:
         x, labels = make_batch(rng, BATCH_SIZE)
-        params, opt_state, stats, loss, accuracy = train_step(params, opt_state, stats, x, labels)
+        loss, accuracy = step(x, labels)
         losses.append(loss)
         accuracies.append(accuracy)
         if i % 20 == 0 or i == steps - 1:  # reading a value waits for the device: only now and then
             progress.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(accuracy):.2f}")
-    return params, stats, np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accuracies))
+    return np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accuracies))
 
 
-def plot_loss(losses: np.ndarray, metrics: dict[str, float], path: Path) -> None:
+def plot_loss(
+    losses: np.ndarray, metrics: dict[str, float], path: Path,
+    title: str = "Stripe textures under random contrast: lucid instance norm",
+) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label="train loss (per batch)")
@@ -205,7 +229,7 @@ def plot_loss(losses: np.ndarray, metrics: dict[str, float], path: Path) -> None
     for key, color, what in evals:
         ax.axhline(metrics[key], color=color, ls="--", lw=1.5, label=f"eval loss, {what} stats ({metrics[key]:.3f})")
     ax.axhline(math.log(len(CLASSES)), color="gray", ls=":", lw=1, label="chance (log 4)")
-    ax.set(xlabel="step", ylabel="cross-entropy", title="Stripe textures under random contrast: lucid instance norm")
+    ax.set(xlabel="step", ylabel="cross-entropy", title=title)
     ax.set_ylim(bottom=0)
     ax.legend(frameon=False)
     fig.tight_layout()
@@ -213,40 +237,58 @@ def plot_loss(losses: np.ndarray, metrics: dict[str, float], path: Path) -> None
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_cli(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The training examples' command line: ``--steps N --out DIR`` (the output folder is created)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the plot (default: .)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
+    return args
 
-    start = time.perf_counter()
-    params, stats, losses, accuracies = train(args.steps)
-    x_eval, labels_eval = make_batch(np.random.default_rng(12345), EVAL_SIZE)
-    metrics = {k: float(v) for k, v in evaluate(params, stats, x_eval, labels_eval).items()}
-    window = max(1, args.steps // 10)
+
+def finish(
+    losses: np.ndarray, accuracies: np.ndarray, metrics: dict[str, float], plot_path: Path, *, start: float,
+    extra: dict[str, Any] | None = None, running: str = "running statistics", **plot_options: Any,
+) -> dict[str, Any]:
+    """Plot the loss, print a summary and, last, the JSON report (which is returned).
+
+    ``metrics`` holds ``evaluate``'s four numbers, ``extra`` further report entries,
+    ``running`` how the eval line names the running statistics.
+    """
+    metrics = {k: float(v) for k, v in metrics.items()}
+    window = max(1, len(losses) // 10)
     report = {
-        "steps": args.steps,
+        "steps": len(losses),
         "loss_first": float(losses[:window].mean()),
         "loss_last": float(losses[-window:].mean()),
         "train_accuracy_last": float(accuracies[-window:].mean()),
         **metrics,
+        **(extra or {}),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    plot_path = args.out / "functional_training_loss.png"
-    plot_loss(losses, metrics, plot_path)
+    plot_loss(losses, metrics, plot_path, **plot_options)
 
     print(f"train loss {report['loss_first']:.3f} -> {report['loss_last']:.3f} "
           f"(mean of the first / last {window} steps), train accuracy {report['train_accuracy_last']:.3f}")
-    print(f"eval on {EVAL_SIZE} held-out images, running statistics: loss {metrics['eval_loss']:.3f}, "
+    print(f"eval on {EVAL_SIZE} held-out images, {running}: loss {metrics['eval_loss']:.3f}, "
           f"accuracy {metrics['eval_accuracy']:.3f}")
     print(f"the same images, each normalized by its own statistics: loss {metrics['eval_loss_instance_stats']:.3f}, "
           f"accuracy {metrics['eval_accuracy_instance_stats']:.3f}")
     print(f"saved {plot_path}")
     print(json.dumps(report))
     return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_cli(__doc__.split("\n\n")[0], argv)
+    start = time.perf_counter()
+    params, stats, losses, accuracies = train(args.steps)
+    x_eval, labels_eval = make_batch(np.random.default_rng(12345), EVAL_SIZE)
+    metrics = evaluate(params, stats, x_eval, labels_eval)
+    return finish(losses, accuracies, metrics, args.out / "functional_training_loss.png", start=start)
 
 
 if __name__ == "__main__":

@@ -209,3 +209,23 @@ def check_spatial_size(shape: tuple[int, ...], spatial_axes: tuple[int, ...], sp
             f"(training, or no running statistics), got input shape {tuple(shape)}. "
             f"The variance of a single element is undefined."
         )
+
+
+def check_layer_settings(num_features: Any, *, eps: Any, momentum: Any, affine: Any,
+                         track_running_stats: Any) -> tuple[int, float, float | None, bool, bool]:
+    """A layer's settings (``InstanceNorm*d``, ``lucid.flax``, ``lucid.equinox``), checked when it is
+    built: ``(num_features, eps, momentum, affine, track_running_stats)``. A layer keeps ``momentum``
+    as a static setting, so it must be a Python number or ``None``."""
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)):
+        raise TypeError(f"momentum must be a number in [0, 1] or None, got {type(momentum).__name__}.")
+    return (check_num_features(num_features), check_eps(eps), check_momentum(momentum),
+            check_bool(affine, "affine"), check_bool(track_running_stats, "track_running_stats"))
+
+
+def check_channel_count(x: jax.Array, channel_axis: int, num_features: int, hint: str = "") -> None:
+    """A ``ValueError`` unless axis ``channel_axis`` of ``x`` has ``num_features`` entries."""
+    if x.shape[channel_axis] != num_features:
+        raise ValueError(
+            f"expected {num_features} channels on axis {channel_axis} of the input, got shape "
+            f"{tuple(x.shape)}.{hint}"
+        )

@@ -37,11 +37,9 @@ class _InstanceNorm(Module):
         dtype: Any = jnp.float32,
     ) -> None:
         super().__init__()
-        affine = _checks.check_bool(affine, "affine")
-        track_running_stats = _checks.check_bool(track_running_stats, "track_running_stats")
         # The functional API's own checks, so a bad setting fails here rather than at the first call.
-        self.eps = _checks.check_eps(eps)
-        self.momentum = _checks.check_momentum(momentum)
+        num_features, self.eps, self.momentum, affine, track_running_stats = _checks.check_layer_settings(
+            num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
         params, stats = F.instance_norm_init(
             num_features, affine=affine, track_running_stats=track_running_stats, dtype=dtype
         )
