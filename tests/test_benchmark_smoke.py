@@ -78,3 +78,18 @@ def test_accuracy_table_reports_every_contender(quick_run):
 def test_the_run_reexecutes_itself_under_the_steady_allocator(quick_run):
     # glibc reads its malloc settings at process start: the report names the mode the timings ran under.
     assert "Allocator: steady" in (quick_run / "latest.md").read_text()
+
+
+def test_sharded_benchmark_runs_every_contender_on_eight_devices(tmp_path):
+    """``benchmarks/sharded.py --quick``: the kernel on every shard (it asserts so itself), the XLA path,
+    PyTorch and the copy, each with a finite positive time."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sharded.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = _tables((tmp_path / "sharded.md").read_text())["Instance norm over 8 host CPU devices"]
+    assert [r["contender"] for r in rows] == [
+        "lucid (native kernel)", "lucid (XLA path)", "PyTorch (one process)", "copy"]
+    for row in rows:
+        assert math.isfinite(float(row["ms"])) and float(row["ms"]) > 0, row

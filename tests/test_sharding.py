@@ -10,6 +10,7 @@ devices, never the input.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -29,9 +30,13 @@ MOMENTUM = 0.1
 # name: (shape, how x is split over a mesh of 8 along the axis "d")
 JIT_CASES = {
     "batch-2d": ((8, 2, 16, 16), P("d")),
+    "channel-2d": ((2, 16, 16, 16), P(None, "d")),
     "space-2d": ((2, 2, 64, 16), P(None, None, "d")),
     "space-3d": ((2, 2, 4, 16, 8), P(None, None, None, "d")),
 }
+# On CPU, the native kernel runs on every device's block where the split leaves space whole;
+# where it splits space, lucid's formulas run on the blocks with their sums combined.
+KERNEL_CASES = ("batch-2d", "channel-2d")
 MASKED_SHAPE = (4, 2, 32, 8)  # split (2 batch) x (4 row bands) on a 2 x 4 mesh
 
 
@@ -150,19 +155,22 @@ def collectives(hlo: str) -> list[tuple[str, list[int]]]:
     return found
 
 
-def assert_moves_only_statistics(hlo: str, shape: tuple[int, ...], num_devices: int) -> list:
+def assert_moves_only_statistics(hlo: str, shape: tuple[int, ...], num_devices: int, reduces: bool = True) -> list:
     """Only per-instance statistics cross devices.
 
     All-reduces carry at most ``N * C`` values per array (one per instance).
     Gathers, permutes and all-to-alls carry at most ``N * C * devices`` (the
     per-device partial sums of every instance); the input's shard is larger
-    than that, so a gathered or permuted input fails.
+    than that, so a gathered or permuted input fails. ``reduces``: a split that leaves
+    whole instances and whole channels on every device (batch or channel splits) need not
+    reduce anything across devices (``False`` skips that check).
     """
     per_instance = shape[0] * shape[1]
     shard = math.prod(shape) // num_devices
     assert per_instance * num_devices < shard, "test shapes too small to tell statistics from data"
     found = collectives(hlo)
-    assert any(op == "all-reduce" for op, _ in found), f"no statistics were reduced across devices: {found}"
+    if reduces:
+        assert any(op == "all-reduce" for op, _ in found), f"no statistics were reduced across devices: {found}"
     for op, sizes in found:
         limit = per_instance if op == "all-reduce" else per_instance * num_devices
         assert max(sizes) <= limit, f"{op} of {max(sizes)} elements (input shard: {shard}): {found}"
@@ -188,21 +196,25 @@ def test_collective_check_catches_a_gathered_input():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("in_context", [True, False], ids=["set_mesh", "device_put-only"])
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
 @pytest.mark.parametrize("case", sorted(JIT_CASES))
-def test_jit_on_sharded_input_matches_one_device_and_torch(rng, axis_type, case):
-    """Outputs, running statistics and gradients as on one device, the input's sharding kept.
+def test_jit_on_sharded_input_matches_one_device_and_torch(rng, axis_type, case, in_context):
+    """Outputs, running statistics and gradients as on one device, the input's sharding kept, only
+    statistics crossing devices, and on CPU the native kernel on every device's block: with the mesh
+    in context (``jax.set_mesh``) and without (arrays placed with ``jax.device_put``, then ``jax.jit``).
 
-    Regression: on an ``Explicit`` mesh with a spatial axis split, the shift (the
-    first spatial element, a slice to size 1 of a sharded axis) raised
-    ``ShardingTypeError`` at trace time.
+    Regressions: on an ``Explicit`` mesh with a spatial axis split, the shift (the first spatial
+    element, a slice to size 1 of a sharded axis) raised ``ShardingTypeError`` at trace time; on
+    an ``Auto`` mesh outside ``set_mesh``, the kernel's opaque call made XLA gather the whole input
+    onto every device and return a replicated output.
     """
     shape, spec = JIT_CASES[case]
     p = _problem(rng, shape)
     params, stats = _params_stats(p)
     mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
     split, replicated = NamedSharding(mesh, spec), NamedSharding(mesh, P())
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
         x, g = jax.device_put((p["x"], p["g"]), split)
         params_r, stats_r = jax.device_put((params, stats), replicated)
         step = _train_and_reference_page_function.lower(params_r, stats_r, x, g).compile()
@@ -217,7 +229,10 @@ def test_jit_on_sharded_input_matches_one_device_and_torch(rng, axis_type, case)
     eval_expected = torch_instance_norm(p["x"], p["weight"], p["bias"], p["running_mean"], p["running_var"],
                                         training=False)["y"]
     np.testing.assert_allclose(got["y_eval"], eval_expected, rtol=1e-5, atol=2e-5)
-    assert_moves_only_statistics(step.as_text(), shape, 8)
+    hlo = step.as_text()
+    assert_moves_only_statistics(hlo, shape, 8, reduces=case != "channel-2d")
+    uses_kernel = [k in hlo for k in ("lucid_instance_norm_forward", "lucid_instance_norm_backward")]
+    assert uses_kernel == [case in KERNEL_CASES] * 2, uses_kernel
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
@@ -280,7 +295,7 @@ def _shard_map_train(mesh, x_spec, mask, **names):
 
 
 def test_shard_map_axis_name_syncs_running_stats_and_keeps_instance_stats_local(rng):
-    shape = (8, 3, 6, 5)
+    shape = (8, 3, 16, 16)
     p = _problem(rng, shape)
     params, stats = _params_stats(p)
     mesh = jax.make_mesh((8,), ("b",))
@@ -288,8 +303,12 @@ def test_shard_map_axis_name_syncs_running_stats_and_keeps_instance_stats_local(
     x, g = jax.device_put((p["x"], p["g"]), split)
     params_r, stats_r = jax.device_put((params, stats), replicated)
 
-    got = _shard_map_train(mesh, P("b"), None, axis_name="b")(params_r, stats_r, x, g, None)
+    step = _shard_map_train(mesh, P("b"), None, axis_name="b").lower(params_r, stats_r, x, g, None).compile()
+    got = step(params_r, stats_r, x, g, None)
     _assert_close(got, _train_jit(params, stats, p["x"], p["g"]), tight=True)
+    hlo = step.as_text()  # each device runs the native kernels on its block; only statistics are reduced
+    assert "lucid_instance_norm_forward" in hlo and "lucid_instance_norm_backward" in hlo
+    assert_moves_only_statistics(hlo, shape, 8)
     _assert_close(got, _torch_train(p), tight=False)
 
     # Without axis_name each device averages its own items only (the contrast).
@@ -333,13 +352,20 @@ def test_pmap_axis_name_and_spatial_axis_name_match_torch(rng):
     params, stats = _params_stats(p)
     expected = _torch_train(p)
 
-    def by_batch(x):
-        return F.instance_norm_apply(params, stats, x, momentum=MOMENTUM, axis_name="i")
+    def by_batch(x, g):  # a training step; the parameters' gradients are each device's share
+        return _train(params, stats, x, g, axis_name="i")
 
-    y, new = jax.pmap(by_batch, axis_name="i")(p["x"].reshape(8, 1, 3, 8, 6))
-    np.testing.assert_allclose(y.reshape(p["x"].shape), expected["y"], rtol=1e-5, atol=2e-5)
+    step = jax.pmap(by_batch, axis_name="i")
+    blocks = [v.reshape(8, 1, *v.shape[1:]) for v in (p["x"], p["g"])]
+    got = step(*blocks)
+    hlo = step.lower(*blocks).compile().as_text()  # each device runs the native kernels on its block
+    assert "lucid_instance_norm_forward" in hlo and "lucid_instance_norm_backward" in hlo
+    for key in ("y", "dx"):
+        np.testing.assert_allclose(got[key].reshape(p["x"].shape), expected[key], rtol=1e-4, atol=5e-5)
     for key in ("running_mean", "running_var"):
-        np.testing.assert_allclose(new[key], np.broadcast_to(expected[key], (8, 3)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[key], np.broadcast_to(expected[key], (8, 3)), rtol=1e-5, atol=1e-6)
+    for key in ("dw", "db"):  # per device: its own item's share
+        np.testing.assert_allclose(got[key].sum(axis=0), expected[key], rtol=1e-4, atol=5e-5)
 
     # Space split in 8 row bands: (2, 3, 32, 6) -> (8 bands, 2, 3, 4, 6).
     q = _problem(rng, (2, 3, 32, 6))
