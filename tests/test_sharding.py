@@ -341,8 +341,10 @@ def test_shard_map_spatial_axis_name_reduces_sums_and_counts(rng, layout, masked
     m = None if mask is None else jax.device_put(mask, split)
     params_r, stats_r = jax.device_put((params, stats), replicated)
 
-    got = _shard_map_train(mesh, x_spec, m, **names)(params_r, stats_r, x, g, m)
+    step = _shard_map_train(mesh, x_spec, m, **names).lower(params_r, stats_r, x, g, m).compile()
+    got = step(params_r, stats_r, x, g, m)
     _assert_close(got, _train_jit(params, stats, p["x"], p["g"], mask), tight=True)
+    assert_moves_only_statistics(step.as_text(), shape, 8)
     _assert_close(got, _torch_train(p) if mask is None else _reference_train(p, mask), tight=False)
 
 
@@ -376,6 +378,28 @@ def test_pmap_axis_name_and_spatial_axis_name_match_torch(rng):
 
     y = jax.pmap(by_space, axis_name="r")(bands).transpose(1, 2, 0, 3, 4).reshape(q["x"].shape)
     np.testing.assert_allclose(y, np_instance_norm(q["x"], q["weight"], q["bias"]), rtol=1e-5, atol=2e-5)
+
+
+def test_vmap_over_a_sharded_batch_runs_the_kernel_on_every_block(rng):
+    """Per-example weights under ``vmap`` (the kernels' leading axis) with the mapped axis split over
+    devices: each device runs the kernels on its examples, equal to one device."""
+    xs = rng.normal(size=(8, 2, 3, 16, 16)).astype(np.float32)
+    ws = rng.normal(size=(8, 3)).astype(np.float32)
+
+    def per_example(x, w):
+        return jax.grad(lambda x, w: jnp.sum(F.instance_norm_apply({"weight": w}, None, x)[0] ** 3),
+                        argnums=(0, 1))(x, w)
+
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Auto,))
+    x_split, w_split = jax.device_put((xs, ws), NamedSharding(mesh, P("d")))
+    step = jax.jit(jax.vmap(per_example)).lower(x_split, w_split).compile()
+    got = step(x_split, w_split)
+    hlo = step.as_text()
+    assert "lucid_instance_norm_forward" in hlo and "lucid_instance_norm_backward" in hlo
+    assert all(max(sizes) <= 8 * 2 * 3 for _, sizes in collectives(hlo)), collectives(hlo)
+    assert got[0].sharding.is_equivalent_to(x_split.sharding, xs.ndim)
+    for a, b in zip(got, jax.jit(jax.vmap(per_example))(xs, ws)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
 
 def test_axis_names_outside_a_mapped_context_raise_a_clear_error():
