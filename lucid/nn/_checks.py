@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._arrays import as_array
+from .._arrays import as_array, is_traced
 
 PARAM_KEYS = ("weight", "bias")
 STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
@@ -154,6 +154,8 @@ def check_momentum(momentum: Any) -> Any:
     momentum = _array(momentum, "momentum")
     if momentum.shape != () or not jnp.issubdtype(momentum.dtype, jnp.floating):
         raise TypeError(f"momentum must be a float scalar, got dtype {momentum.dtype} and shape {momentum.shape}.")
+    if not is_traced(momentum):  # a concrete JAX or NumPy scalar is checked like a number
+        check_momentum(float(momentum))
     return momentum
 
 
@@ -202,8 +204,9 @@ def check_axis_name(axis_name: Any, what: str) -> None:
 
 
 def check_spatial_size(shape: tuple[int, ...], spatial_axes: tuple[int, ...], spatial_axis_name) -> None:
+    """More than one spatial element per instance, or none (an empty input gives an empty output)."""
     size = math.prod(shape[a] for a in spatial_axes) * axis_size(spatial_axis_name)
-    if size < 2:
+    if size == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when using instance statistics "
             f"(training, or no running statistics), got input shape {tuple(shape)}. "

@@ -37,7 +37,8 @@ def update_running_stats(
     tracked = stats.get("num_batches_tracked")
     new = {}
     if tracked is not None:
-        new["num_batches_tracked"] = tracked + 1
+        # Saturating at the dtype's largest value rather than wrapping to a negative count.
+        new["num_batches_tracked"] = tracked + (tracked < jnp.iinfo(tracked.dtype).max).astype(tracked.dtype)
     if momentum is None:
         factor = 1.0 / new["num_batches_tracked"].astype(cdt)
     else:

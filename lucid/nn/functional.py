@@ -190,6 +190,8 @@ def instance_norm_apply(
         _checks.check_spatial_size(tuple(x.shape), spatial, spatial_axis_name)
     kernel = use_instance_stats and _native.applies(
         x, params.get("weight"), params.get("bias"), mask, spatial, spatial_axis_name, implementation)
+    if x.size == 0:  # an empty batch, channel or spatial axis: an empty output, nothing learned
+        return jnp.zeros_like(x), dict(stats_in)
     config = NormConfig(spatial, spatial_axis_name, eps, kernel)
     y, new_stats = _apply(
         params, checked_stats, x, mask, momentum,
