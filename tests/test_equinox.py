@@ -282,7 +282,7 @@ def test_bad_inputs_raise_at_trace_time_and_leave_the_state_usable(rng):
 
 
 def test_equinox_example_trains_and_writes_its_plot(tmp_path):
-    report = run_example("equinox_layer.py", "--steps", "60", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    report, _ = run_example("equinox_layer.py", "--steps", "60", "--out", str(tmp_path / "out"), cwd=tmp_path)
     plot = read_png(tmp_path / "out" / "equinox_layer_loss.png")
     assert plot.shape[0] > 200 and plot.shape[1] > 300
     assert report["steps"] == 60 and report["num_batches_tracked"] == 60

@@ -338,7 +338,7 @@ def test_bad_inputs_raise_at_trace_time_and_change_nothing(rng):
 
 
 def test_flax_example_trains_and_writes_its_plot(tmp_path):
-    report = run_example("flax_nnx.py", "--steps", "60", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    report, _ = run_example("flax_nnx.py", "--steps", "60", "--out", str(tmp_path / "out"), cwd=tmp_path)
     plot = read_png(tmp_path / "out" / "flax_nnx_loss.png")
     assert plot.shape[0] > 200 and plot.shape[1] > 300
     assert report["steps"] == 60 and report["num_batches_tracked"] == 60
