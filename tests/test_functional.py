@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from oracles import np_instance_norm, ref_instance_norm, torch_instance_norm
 
 import lucid.nn.functional as F
@@ -306,3 +307,42 @@ def test_ref_oracle_agrees_with_numpy_oracle(rng):
     """The jnp reference used for derivative tests is itself checked against float64 NumPy."""
     x, w, b, _, _ = _inputs(rng, SHAPES["2d"])
     np.testing.assert_allclose(ref_instance_norm(jnp.asarray(x), w, b)[0], np_instance_norm(x, w, b), atol=2e-5)
+
+
+# ---------------------------------------------------------------- friction: jit, torch tensors
+
+
+def test_traced_training_under_jit_says_to_mark_it_static(rng):
+    x, w, b, rm, rv = _inputs(rng, SHAPES["2d"])
+    params, stats = {"weight": w, "bias": b}, {"running_mean": rm, "running_var": rv}
+    with pytest.raises(TypeError, match=r"training must be a Python bool.*mark it static: static_argnames"):
+        jax.jit(F.instance_norm_apply)(params, stats, x, training=True)
+    for training in (True, False):
+        y, new = jax.jit(F.instance_norm_apply, static_argnames="training")(params, stats, x, training=training)
+        expected = torch_instance_norm(x, w, b, rm, rv, training=training)
+        np.testing.assert_allclose(y, expected["y"], atol=3e-5)
+        np.testing.assert_allclose(new["running_mean"], expected["running_mean"], atol=1e-6)
+
+
+def test_torch_tensors_are_read_as_arrays(rng):
+    """torch.Tensor inputs (requiring grad or not) are converted through NumPy: the results are JAX
+    arrays equal to PyTorch's own instance norm on the same tensors."""
+    x, w, b, rm, rv = _inputs(rng, SHAPES["2d"])
+    expected = torch_instance_norm(x, w, b, rm, rv, training=True, momentum=0.2)
+    tx, tw, tb = (torch.tensor(v, requires_grad=True) for v in (x, w, b))
+    trm, trv = torch.tensor(rm), torch.tensor(rv)
+    y, new = F.instance_norm_apply({"weight": tw, "bias": tb}, {"running_mean": trm, "running_var": trv}, tx,
+                                   momentum=0.2)
+    assert isinstance(y, jax.Array) and isinstance(new["running_mean"], jax.Array)
+    np.testing.assert_allclose(y, expected["y"], atol=3e-5)
+    np.testing.assert_allclose(new["running_var"], expected["running_var"], rtol=1e-6)
+    np.testing.assert_array_equal(trm.numpy(), rm)  # pure: the torch tensors are only read
+    out = F.instance_norm(tx, weight=tw, bias=tb)  # no running statistics: nothing to update
+    np.testing.assert_allclose(out, torch_instance_norm(x, w, b)["y"], atol=3e-5)
+    eval_out = F.instance_norm(tx, trm, trv, tw, tb, training=False)  # read-only use of running statistics
+    np.testing.assert_allclose(eval_out, torch_instance_norm(x, w, b, rm, rv, training=False)["y"], atol=3e-5)
+    # Training would update running statistics in place, which lucid cannot do to a torch tensor:
+    # refused with the way out, nothing changed.
+    with pytest.raises(TypeError, match=r"lucid\.Tensor\(running_mean\).*instance_norm_apply"):
+        F.instance_norm(tx, trm, trv, tw, tb, training=True)
+    np.testing.assert_array_equal(trm.numpy(), rm)

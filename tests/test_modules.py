@@ -1,5 +1,6 @@
 """nn.Module, Parameter, buffers, state dicts and InstanceNorm1d/2d/3d, against torch.nn."""
 
+import copy
 import re
 
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import lucid
 import lucid.nn as nn
 from lucid import Tensor
 
@@ -134,7 +136,7 @@ def test_loaded_torch_checkpoint_trains_like_torch(rng):
     theirs.eval()
     ours.eval()
     x = rng.normal(size=shape).astype(np.float32)
-    np.testing.assert_allclose(ours(x).numpy(), theirs(torch.tensor(x)).detach().numpy(), atol=3e-5)
+    np.testing.assert_allclose(ours(x), theirs(torch.tensor(x)).detach().numpy(), atol=3e-5)
 
 
 def test_momentum_none_is_the_cumulative_average(rng):
@@ -200,7 +202,7 @@ def test_channel_mismatch(rng, affine, track):
     else:  # nothing to mismatch: plain instance norm of any channel count, as torch (which warns)
         with pytest.warns(UserWarning):
             expected = torch.nn.InstanceNorm2d(3)(torch.tensor(x)).numpy()
-        np.testing.assert_allclose(ours(x).numpy(), expected, atol=3e-5)
+        np.testing.assert_allclose(ours(x), expected, atol=3e-5)
 
 
 def test_failed_calls_change_no_state(rng):
@@ -374,15 +376,41 @@ def test_container_traversal_and_repr_match_torch():
         r", bias=\w+", "", repr(theirs))
 
 
+def test_apply_visits_children_first_then_self_like_torch():
+    """Module.apply(fn) has PyTorch's meaning: the same visiting order, returns self, and an
+    initializer written for PyTorch (in place under no_grad) works unchanged."""
+    ours, theirs = Net(), TorchNet()
+    theirs.inner.alias = theirs.norm  # a module reachable twice is visited twice, by both
+    ours.inner.alias = ours.norm
+    visited = {"ours": [], "theirs": []}
+    assert ours.apply(lambda m: visited["ours"].append(type(m).__name__)) is ours
+    assert theirs.apply(lambda m: visited["theirs"].append(type(m).__name__)) is theirs
+    assert visited["ours"] == [n.replace("Torch", "") for n in visited["theirs"]]
+
+    def init(m, lib):
+        if isinstance(m, (nn.InstanceNorm2d, torch.nn.InstanceNorm2d)) and m.weight is not None:
+            with lib.no_grad():
+                m.weight.fill_(0.5)
+                m.bias.add_(m.weight, alpha=2.0)
+
+    ours.apply(lambda m: init(m, lucid))
+    theirs.apply(lambda m: init(m, torch))
+    np.testing.assert_array_equal(ours.norm.weight.numpy(), theirs.norm.weight.detach().numpy())
+    np.testing.assert_array_equal(ours.norm.bias.numpy(), theirs.norm.bias.detach().numpy())
+    with pytest.raises(TypeError, match="functional_call"):  # the pure call's old name
+        ours.apply(*ours.pytrees(), np.ones((1, 3, 2, 2), np.float32))
+
+
 def test_train_eval_and_zero_grad_reach_every_module():
     net = Net()
     assert net.eval() is net and not any(m.training for m in net.modules())
     net.train()
     assert all(m.training for m in net.modules())
     for p in net.parameters():
-        p.grad = jnp.ones(p.shape)
+        p.grad = Tensor(np.ones(p.shape, np.float32))
+    grads = [p.grad for p in net.parameters()]
     net.zero_grad(set_to_none=False)
-    assert all(np.all(np.asarray(p.grad) == 0) for p in net.parameters())
+    assert all(p.grad is g and np.all(p.grad.numpy() == 0) for p, g in zip(net.parameters(), grads))
     net.zero_grad()
     assert all(p.grad is None for p in net.parameters())
     with pytest.raises(TypeError, match="bool"):
@@ -444,4 +472,27 @@ def test_non_default_eps_and_momentum_match_torch(rng, kind):
             np.testing.assert_allclose(ours.state_dict()[name], theirs.state_dict()[name].numpy(), atol=1e-7, rtol=1e-5)
     theirs.eval()
     x = (rng.normal(size=shape) * 0.05).astype(np.float32)
-    np.testing.assert_allclose(ours.eval()(x).numpy(), theirs(torch.tensor(x)).detach().numpy(), atol=5e-5, rtol=1e-5)
+    np.testing.assert_allclose(ours.eval()(x), theirs(torch.tensor(x)).detach().numpy(), atol=5e-5, rtol=1e-5)
+
+
+def test_deepcopy_of_a_trained_module_is_independent_like_torch(rng):
+    """copy.deepcopy (a best-model snapshot) after training: the same state, then each module moves
+    on its own, as in PyTorch."""
+    x1, x2 = ((rng.normal(size=SHAPES["2d"]) * 2 + 1).astype(np.float32) for _ in range(2))
+    ours, theirs = nn.InstanceNorm2d(3), torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    (ours(Tensor(x1)) ** 2 * Tensor(x2)).sum().backward()
+    (theirs(torch.tensor(x1)) ** 2 * torch.tensor(x2)).sum().backward()
+    our_copy, their_copy = copy.deepcopy(ours), copy.deepcopy(theirs)
+    assert our_copy.weight.grad is their_copy.weight.grad is None  # a copied Parameter starts without one
+    np.testing.assert_allclose(ours.weight.grad.numpy(), theirs.weight.grad.numpy(), atol=1e-4, rtol=1e-4)
+    assert our_copy.weight is not ours.weight and our_copy.running_mean is not ours.running_mean
+    our_copy(x2)
+    their_copy(torch.tensor(x2))
+    (our_copy(Tensor(x1)) * Tensor(x2)).sum().backward()
+    (their_copy(torch.tensor(x1)) * torch.tensor(x2)).sum().backward()
+    for name in ("running_mean", "running_var"):
+        np.testing.assert_allclose(our_copy.state_dict()[name], their_copy.state_dict()[name].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(ours.state_dict()[name], theirs.state_dict()[name].numpy(), rtol=1e-5)
+    assert (our_copy.num_batches_tracked.item(), ours.num_batches_tracked.item()) == (3, 1)  # torch counts none
+    for module, torch_module in ((our_copy, their_copy), (ours, theirs)):
+        np.testing.assert_allclose(module.bias.grad.numpy(), torch_module.bias.grad.numpy(), atol=1e-4, rtol=1e-4)

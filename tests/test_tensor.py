@@ -204,14 +204,73 @@ def test_array_interop():
 # ---------------------------------------------------------------- the tape
 
 
-def test_backward_accumulates_on_leaves_across_calls():
-    x = Tensor([1.0, 2.0, 3.0], requires_grad=True)
-    (x * x).sum().backward()
-    np.testing.assert_array_equal(x.grad, [2.0, 4.0, 6.0])
-    y = (x * 10).sum()
-    y.backward()
-    y.backward()  # the graph is kept; the leaf accumulates again
-    np.testing.assert_array_equal(x.grad, [22.0, 24.0, 26.0])
+def test_backward_accumulates_and_frees_the_graph_like_torch():
+    """Leaves accumulate across calls; a second walk of a graph needs retain_graph=True on the first,
+    else RuntimeError, as PyTorch (whose message names retain_graph too)."""
+    ours, theirs = Tensor([1.0, 2.0, 3.0], requires_grad=True), torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    outputs = []
+    for x in (ours, theirs):
+        (x * x).sum().backward()
+        y = (x * x * 10).sum()
+        y.backward(retain_graph=True)
+        y.backward()  # the graph was kept for this second walk; the leaf accumulates again
+        outputs.append(y)
+    grad = ours.grad
+    assert isinstance(grad, Tensor) and not grad.requires_grad and grad.is_leaf
+    np.testing.assert_allclose(grad, theirs.grad.numpy())
+    for y in outputs:
+        with pytest.raises(RuntimeError, match="retain_graph=True"):
+            y.backward()  # freed by the second walk
+    assert ours.grad is grad  # accumulation is in place: the same gradient Tensor
+    np.testing.assert_allclose(ours.grad, theirs.grad.numpy())  # the failed call changed nothing
+
+
+def test_a_partly_freed_graph_raises_and_changes_nothing():
+    """Two outputs share a subgraph: walking the second after the first freed the shared part raises
+    (PyTorch too), and no leaf takes a partial gradient."""
+    ours, theirs = Tensor([0.5, -1.5], requires_grad=True), torch.tensor([0.5, -1.5], requires_grad=True)
+    for x in (ours, theirs):
+        h = x * x
+        a, b = (h * 2).sum(), (h * x).sum()
+        a.backward()
+        before = x.grad.clone()
+        with pytest.raises(RuntimeError, match="second time"):
+            b.backward()
+        np.testing.assert_array_equal(np.asarray(x.grad), np.asarray(before))
+
+
+def test_grad_assignment_rules_like_torch():
+    ours, theirs = Tensor([1.0, 2.0], requires_grad=True), torch.tensor([1.0, 2.0], requires_grad=True)
+    for x, lib in ((ours, Tensor), (theirs, torch.tensor)):
+        x.grad = lib(np.array([0.5, 0.5], np.float32))
+        (x * 3).sum().backward()
+        with pytest.raises(TypeError, match="Tensor or None"):
+            x.grad = np.ones(2, np.float32)
+        with pytest.raises((ValueError, RuntimeError), match="size|shape"):
+            x.grad = lib(np.ones(3, np.float32))
+    np.testing.assert_array_equal(ours.grad, theirs.grad.numpy())  # [3.5, 3.5], unchanged by the failures
+    with pytest.raises(TypeError, match="dtype"):
+        ours.grad = Tensor(np.ones(2, np.float16))
+    ours.grad = None
+    assert ours.grad is None
+
+
+def test_concurrent_backward_loses_no_gradient(rng):
+    """Eight threads accumulate into one leaf at once: the sum of all their gradients, as one thread."""
+    w = Tensor(rng.normal(size=5).astype(np.float32), requires_grad=True)
+    weights = [rng.normal(size=5).astype(np.float32) for _ in range(8 * 40)]
+
+    def work(chunk):
+        for c in chunk:
+            (w * w * c).sum().backward()
+
+    threads = [threading.Thread(target=work, args=(weights[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = sum(2 * w.numpy().astype(np.float64) * c for c in weights)
+    np.testing.assert_allclose(w.grad.numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_shared_subexpressions_and_non_leaf_grads():
@@ -354,6 +413,261 @@ def test_data_setter_refuses_a_tracer_for_a_tensor_made_outside():
     np.testing.assert_array_equal(jax.jit(inside)(jnp.array([1.0, 2.0])), [3.0, 6.0])
 
 
+# ---------------------------------------------------------------- in place, as in PyTorch
+
+
+def _lib_tensor(lib, value, requires_grad=False):
+    value = np.asarray(value, np.float32)
+    return Tensor(value, requires_grad=requires_grad) if lib == "lucid" else torch.tensor(value,
+                                                                                         requires_grad=requires_grad)
+
+
+def _no_grad(lib):
+    return no_grad() if lib == "lucid" else torch.no_grad()
+
+
+def test_sgd_steps_in_place_under_no_grad_match_torch(rng):
+    """The PyTorch porter's loop: `p -= lr * p.grad` (and add_/sub_/mul_/div_/clamp_/zero_) change the
+    parameters themselves, and return them."""
+    w0, x = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    results = {}
+    for lib in ("lucid", "torch"):
+        w = _lib_tensor(lib, w0, requires_grad=True)
+        same = []
+        for _ in range(3):
+            (((w * _lib_tensor(lib, x)).sum() - 1.0) ** 2).backward()
+            with _no_grad(lib):
+                before = w
+                w -= 0.1 * w.grad
+                same.append(w is before)
+                same.append(w.add_(w.grad, alpha=-0.01) is w)
+                w.sub_(_lib_tensor(lib, x), alpha=0.001)
+                w *= 1.01
+                w.mul_(_lib_tensor(lib, np.full(4, 0.99)))
+                w /= 1.02
+                w.div_(0.98)
+                w.clamp_(-1.0, 1.0)
+            w.grad.zero_()
+            same.append(w.is_leaf and w.requires_grad)
+        results[lib] = (np.asarray(w.detach()), np.asarray(w.grad), same)
+    np.testing.assert_allclose(results["lucid"][0], results["torch"][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(results["lucid"][1], results["torch"][1])
+    assert results["lucid"][2] == results["torch"][2] == [True] * 9
+
+
+@pytest.mark.parametrize("op", ["+=", "-=", "*=", "/=", "add_", "sub_", "mul_", "div_", "zero_", "fill_", "copy_",
+                                "clamp_"])
+def test_in_place_on_a_leaf_that_requires_grad_raises_torchs_error(op):
+    messages = []
+    for lib in ("lucid", "torch"):
+        w = _lib_tensor(lib, [1.0, 2.0], requires_grad=True)
+        ops = {
+            "+=": lambda t: t.__iadd__(1.0), "-=": lambda t: t.__isub__(1.0), "*=": lambda t: t.__imul__(2.0),
+            "/=": lambda t: t.__itruediv__(2.0), "add_": lambda t: t.add_(1.0), "sub_": lambda t: t.sub_(1.0),
+            "mul_": lambda t: t.mul_(2.0), "div_": lambda t: t.div_(2.0), "zero_": lambda t: t.zero_(),
+            "fill_": lambda t: t.fill_(3.0), "copy_": lambda t, lib=lib: t.copy_(_lib_tensor(lib, [5.0, 6.0])),
+            "clamp_": lambda t: t.clamp_(0.0, 1.5),
+        }
+        with pytest.raises(RuntimeError) as err:
+            ops[op](w)
+        messages.append(str(err.value))
+        np.testing.assert_array_equal(np.asarray(w.detach()), [1.0, 2.0])  # unchanged
+        assert w.is_leaf
+        with _no_grad(lib):  # allowed there: an update of the parameter itself
+            assert ops[op](w) is w
+    assert messages[0] == messages[1] == "a leaf Variable that requires grad is being used in an in-place operation."
+
+
+def _in_place_chain(lib, x, w, c):
+    """In-place operations on recorded non-leaves, some with operands that require grad; `early` was
+    recorded before `h` changed and keeps its old value's edge."""
+    h = x * 2
+    early = h * 3
+    h += x
+    h *= w
+    h -= c
+    h /= w + 2
+    h.add_(x, alpha=0.5)
+    h.sub_(w, alpha=2.0)
+    h.mul_(x)
+    h.div_(1.5)
+    h.clamp_(-0.7, 0.9)
+    k = x * 1.0
+    k.copy_(w * w)
+    k.fill_(w.sum())
+    k.zero_()
+    k += x * x
+    acc = _lib_tensor(lib, np.zeros(x.shape))  # a leaf without grad becomes a node
+    acc += w * x
+    return (early * x).sum() + (h * h).sum() + (k * w).sum() + (acc * acc).sum(), acc
+
+
+def test_in_place_on_recorded_non_leaves_matches_torch_autograd(rng):
+    x0, w0 = rng.normal(size=5).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    c = rng.normal(size=5).astype(np.float32)
+    grads, values = {}, {}
+    for lib in ("lucid", "torch"):
+        x, w = _lib_tensor(lib, x0, True), _lib_tensor(lib, w0, True)
+        loss, acc = _in_place_chain(lib, x, w, _lib_tensor(lib, c))
+        assert not acc.is_leaf and acc.requires_grad
+        loss.backward()
+        values[lib] = loss.item()
+        grads[lib] = (np.asarray(x.grad), np.asarray(w.grad))
+    np.testing.assert_allclose(values["lucid"], values["torch"], rtol=1e-5)
+    for ours, theirs in zip(grads["lucid"], grads["torch"]):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_after_a_saved_use_gives_the_gradient_of_what_was_computed(rng):
+    """PyTorch raises here (a value saved for backward was modified); lucid's pullbacks hold the
+    immutable arrays they saw, so the gradient is the one of the values actually computed."""
+    x0 = rng.normal(size=4).astype(np.float32)
+    tx = torch.tensor(x0, requires_grad=True)
+    h = tx * 2
+    y = (h * h).sum()
+    h += 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (y + h.sum()).backward()
+
+    x = Tensor(x0, requires_grad=True)
+    h = x * 2
+    y = (h * h).sum()
+    h += 1
+    (y + h.sum()).backward()
+
+    def reference(v):
+        h = v * 2
+        return jnp.sum(h * h) + jnp.sum(h + 1)
+
+    np.testing.assert_allclose(x.grad, jax.grad(reference)(jnp.asarray(x0)), rtol=1e-6)
+
+
+def test_failed_in_place_calls_change_nothing(rng):
+    t = Tensor(np.arange(6, dtype=np.float32).reshape(2, 3))
+    h = Tensor(np.ones(3, np.float32), requires_grad=True) * 2  # a recorded non-leaf
+    node = h._node
+    checks = [
+        (ValueError, "does not broadcast", lambda: t.add_(np.ones((2, 2), np.float32))),
+        (ValueError, "does not broadcast", lambda: t.add_(Tensor(np.ones((3, 2, 3), np.float32)))),
+        (ValueError, "does not broadcast", lambda: t.__iadd__(np.ones(4, np.float32))),
+        (ValueError, "does not broadcast", lambda: t.copy_(np.ones((1, 2), np.float32))),
+        (ValueError, "0-d", lambda: t.fill_(np.ones(3, np.float32))),
+        (TypeError, "at least one", lambda: t.clamp_()),
+        (ValueError, "does not broadcast", lambda: h.mul_(np.ones(2, np.float32))),
+    ]
+    for error, message, call in checks:
+        with pytest.raises(error, match=message):
+            call()
+    np.testing.assert_array_equal(t.numpy(), np.arange(6).reshape(2, 3))
+    assert h._node is node and h.numpy().tolist() == [2.0, 2.0, 2.0]
+    i = Tensor([1, 2, 3])
+    with pytest.raises(TypeError, match="can't be cast"):
+        i += 1.5  # as torch: a float result does not go into an int Tensor
+    with pytest.raises(TypeError, match="can't be cast"):
+        i.div_(2)
+    assert i.numpy().tolist() == [1, 2, 3] and i.dtype == jnp.int32
+    i.copy_(Tensor([1.7, -2.2, 3.9]))  # copy_ and fill_ cast, as torch
+    assert i.numpy().tolist() == torch.tensor([1, 2, 3]).copy_(torch.tensor([1.7, -2.2, 3.9])).tolist()
+
+    outside = Tensor([1.0, 2.0])
+
+    def leak(a):
+        outside.add_(a)
+        return a
+
+    with pytest.raises(TypeError, match="leaked tracer"):
+        jax.jit(leak)(jnp.ones(2))
+    assert outside.numpy().tolist() == [1.0, 2.0] and not isinstance(outside.data, jax.core.Tracer)
+
+    def inside(a):  # a Tensor made inside the transformation may change in place
+        u = Tensor(a)
+        u *= 3
+        return u.data
+
+    np.testing.assert_array_equal(jax.jit(inside)(jnp.array([1.0, 2.0])), [3.0, 6.0])
+
+
+# ---------------------------------------------------------------- PyTorch's basics, against PyTorch
+
+
+BASICS = {  # name: (lucid, torch), both on a (2, 3, 4) input that requires grad
+    "view_reshape": (lambda t: t.view(-1, 4) * t.reshape(6, -1).reshape((2, 12)).view(6, 4),
+                     lambda t: t.view(-1, 4) * t.reshape(6, -1).reshape((2, 12)).view(6, 4)),
+    "transpose_permute_T": (lambda t: t.transpose(0, 2) * t.permute(2, 1, 0) + t.permute((2, 1, 0)).T.permute(2, 1, 0),
+                            lambda t: t.transpose(0, 2) * t.permute(2, 1, 0) + t.permute((2, 1, 0)).permute(2, 1, 0)
+                            .permute(2, 1, 0)),
+    "matrix_T": (lambda t: t.reshape(6, 4).T @ t.reshape(6, 4), lambda t: t.reshape(6, 4).T @ t.reshape(6, 4)),
+    "clone": (lambda t: t.clone() * t, lambda t: t.clone() * t),
+    "exp_log_sqrt": (lambda t: t.exp() + (t * t + 1).log() * (t.abs() + 0.5).sqrt(),
+                     lambda t: t.exp() + (t * t + 1).log() * (t.abs() + 0.5).sqrt()),
+    "abs_clamp": (lambda t: t.abs() * t.clamp(-0.5, 0.8) + t.clamp(min=0.1) - t.clamp(max=-0.2),
+                  lambda t: t.abs() * t.clamp(-0.5, 0.8) + t.clamp(min=0.1) - t.clamp(max=-0.2)),
+    "sum_mean_dim": (lambda t: t.sum(dim=1, keepdim=True) * t.mean(dim=(0, 2), keepdim=True) + t.sum(2).sum(-1)
+                     .reshape(2, 1, 1) + t.mean([0, 1]) + t.sum(axis=0, keepdims=True),
+                     lambda t: t.sum(dim=1, keepdim=True) * t.mean(dim=(0, 2), keepdim=True) + t.sum(2).sum(-1)
+                     .reshape(2, 1, 1) + t.mean([0, 1]) + t.sum(dim=0, keepdim=True)),
+    "var": (lambda t: t.var(dim=2, keepdim=True) * t + t.var(1, unbiased=False).sum() + t.var()
+            + t.var(dim=(0, 2), correction=0) .sum() + t.var(False) + t.var(axis=0, keepdims=True),
+            lambda t: t.var(dim=2, keepdim=True) * t + t.var(1, unbiased=False).sum() + t.var()
+            + t.var(dim=(0, 2), correction=0).sum() + t.var(False) + t.var(dim=0, keepdim=True)),
+    "to_float": (lambda t: t.to(jnp.float16).float() * t + t.to("float32") * (t * 3).to(jnp.int32).float(),
+                 lambda t: t.to(torch.float16).float() * t + t.to(torch.float32) * (t * 3).to(torch.int32).float()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASICS))
+def test_basics_values_and_grads_match_torch(rng, name):
+    x, tx = _pair(rng, (2, 3, 4))
+    ours, theirs = BASICS[name]
+    y, ty = ours(x), theirs(tx)
+    assert y.shape == tuple(ty.shape)
+    np.testing.assert_allclose(y.numpy(), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+    g = rng.normal(size=y.shape).astype(np.float32)
+    y.backward(g)
+    ty.backward(torch.tensor(g))
+    np.testing.assert_allclose(x.grad, tx.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_at_the_kinks_are_torchs():
+    """|x| at 0 and clamp at its bounds: JAX's own rules give 1 and 1/2 there, PyTorch 0 and 1."""
+    values = np.array([0.0, -1.0, 1.0, 0.5, 2.0], np.float32)
+    x, tx = Tensor(values, requires_grad=True), torch.tensor(values, requires_grad=True)
+    for t in (x, tx):
+        (t.abs() * 3 + t.clamp(-1.0, 1.0) + t.clamp(min=0.5) * 10).sum().backward()
+    np.testing.assert_array_equal(x.grad, tx.grad.numpy())
+
+
+def test_size_dim_tolist_and_to_match_torch(rng):
+    a = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    x, tx = Tensor(a), torch.tensor(a)
+    assert x.size() == tuple(tx.size()) and x.dim() == tx.dim() == 3
+    assert [x.size(d) for d in range(-3, 3)] == [tx.size(d) for d in range(-3, 3)]
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match="out of range"):
+            x.size(bad)
+        with pytest.raises(IndexError, match="out of range"):
+            tx.size(bad)
+    assert x.tolist() == tx.tolist() and Tensor(2.5).tolist() == torch.tensor(2.5).tolist() == 2.5
+    assert Tensor([1, 2]).tolist() == torch.tensor([1, 2]).tolist()
+    assert x.to(jnp.float32) is x and x.float() is x  # nothing to convert: the same object, as torch
+    assert tx.to(torch.float32) is tx and tx.float() is tx
+    assert x.to(Tensor([1])).dtype == jnp.int32 and x.to("bfloat16").dtype == jnp.bfloat16
+    w = Tensor(a, requires_grad=True)
+    assert not w.to(jnp.int32).requires_grad and w.to(jnp.float16).requires_grad  # as torch
+    with pytest.raises(TypeError, match="jax.device_put"):
+        x.to("cpu")
+    with pytest.raises(TypeError, match="both dim and axis"):
+        x.sum(dim=0, axis=1)
+    with pytest.raises(TypeError, match="both unbiased and correction"):
+        x.var(unbiased=True, correction=0)
+    v = x.clone()
+    v += 1  # a clone is its own Tensor
+    np.testing.assert_array_equal(x.numpy(), a)
+    w2 = x.view(6, 4)
+    w2.zero_()  # unlike torch, never a view into the same memory (documented)
+    np.testing.assert_array_equal(x.numpy(), a)
+
+
 # ---------------------------------------------------------------- F.instance_norm on Tensors
 
 
@@ -450,7 +764,7 @@ def test_functional_failed_calls_change_nothing(rng):
 def test_functional_in_place_update_under_jit_is_refused(rng):
     x, _, _, rm, rv = _inputs(rng, SHAPES["1d"])
     trm, trv = Tensor(rm), Tensor(rv)
-    with pytest.raises(TypeError, match="module.apply"):
+    with pytest.raises(TypeError, match="module.functional_call"):
         jax.jit(lambda a: F.instance_norm(Tensor(a), trm, trv, training=True).data)(x)
     np.testing.assert_array_equal(trm.numpy(), rm)
     assert not isinstance(trm.data, jax.core.Tracer)

@@ -3,7 +3,9 @@
 They hold state and check the input's rank and channel count; the computation
 is :func:`lucid.nn.functional.instance_norm_apply`, recorded on the Tensor tape
 by :func:`lucid._tensor.apply_jax`. The new running statistics are written
-back only after the call has succeeded.
+back only after the call has succeeded, under the locks of their Tensors
+(:func:`lucid._tensor.update_in_place`): threads that train one module
+together lose no update.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from .._tensor import Tensor, apply_jax, assign_in_place
+from .._tensor import Tensor, _locked, apply_jax, assign_in_place, snapshot, update_in_place
 from . import _checks
 from . import functional as F
 from ._module import Module, Parameter
@@ -57,11 +59,16 @@ class _InstanceNorm(Module):
         """Set the running statistics back to mean 0, variance 1, 0 batches."""
         if self.track_running_stats:
             _, stats = F.instance_norm_init(self.num_features, dtype=self.running_mean.dtype)
-            for name, value in stats.items():
-                self._buffers[name].data = value
+            buffers = {name: getattr(self, name) for name in stats}
+            with _locked(buffers.values()):
+                assign_in_place(buffers, stats, what="the running statistics")
 
     def forward(self, input: Tensor | ArrayLike) -> Tensor:
         """Normalize ``input``; in training mode with tracked statistics, update them in place.
+
+        Calling the module runs this: a Tensor in gives a Tensor out, a JAX
+        or NumPy array (or a torch.Tensor, read through NumPy) gives a JAX
+        array (see :meth:`Module.__call__`).
 
         Args:
             input: batched ``(N, C, *spatial)`` or unbatched ``(C, *spatial)``
@@ -76,7 +83,7 @@ class _InstanceNorm(Module):
                 state changes.
             TypeError: a non-floating-point input; or, in training mode with
                 tracked statistics, a traced input (inside a JAX
-                transformation: use :meth:`Module.apply`); no state changes.
+                transformation: use :meth:`Module.functional_call`); no state changes.
         """
         x = input if isinstance(input, Tensor) else Tensor(input)
         batched_ndim = self._num_spatial + 2
@@ -89,9 +96,8 @@ class _InstanceNorm(Module):
                 f"expected input's size at dim={feature_dim} to match num_features "
                 f"({self.num_features}), but got: {x.shape[feature_dim]}."
             )
-        params = {k: v for k in ("weight", "bias") if (v := self._parameters.get(k)) is not None}
-        stats = {k: v for k in ("running_mean", "running_var", "num_batches_tracked")
-                 if (v := self._buffers.get(k)) is not None}
+        params = self._members("_parameters", _checks.PARAM_KEYS)
+        stats = self._members("_buffers", _checks.STAT_KEYS)
         training, momentum, eps = self.training, self.momentum, self.eps
 
         def run(params: dict, stats: dict, x: Any) -> tuple[Any, dict]:
@@ -100,10 +106,10 @@ class _InstanceNorm(Module):
             )
             return (y if batched else y[0]), new_stats
 
-        y, new_stats = apply_jax(run, params, stats, x, has_aux=True)
         if training and stats:
-            assign_in_place(stats, new_stats, what=f"the running statistics of {type(self).__name__}")
-        return y
+            return update_in_place(run, (params, stats, x), stats, f"the running statistics of {type(self).__name__}")
+        # Read-only: one consistent snapshot (no other thread's update half seen), computed outside the lock.
+        return apply_jax(run, params, snapshot(stats), x, has_aux=True)[0]
 
     def extra_repr(self) -> str:
         """``num_features`` and the settings, as PyTorch prints them.

@@ -6,21 +6,42 @@ names them as PyTorch does (``norm.running_mean``), so state dicts move
 between the two libraries.
 
 The same state is also available as plain pytrees, for ``jax.jit``/``jax.grad``:
-:meth:`Module.pytrees` hands it out, :meth:`Module.apply` runs the module as a
-pure function of it, and :meth:`Module.load_pytrees` takes the result back.
+:meth:`Module.pytrees` hands it out, :meth:`Module.functional_call` runs the
+module as a pure function of it, and :meth:`Module.load_pytrees` takes the
+result back. :meth:`Module.apply` has PyTorch's meaning (visit every module).
+
+How ``functional_call`` stays pure without touching the module: it opens a
+:class:`lucid._tensor.StateScope`, a ``contextvars`` value that maps the
+module's parameter and buffer Tensors (of every registered descendant) to the
+given arrays. Every read of a Tensor's value consults the innermost scope of
+the current context first, and every write (running statistics, in-place
+operations, ``.data =``) to a covered Tensor lands in the scope. The scope
+also holds the training mode for the call and any parameter or buffer that
+``forward`` reassigns (``self.steps = self.steps + 1``). ``new_stats`` is read
+from the scope before it closes. Because the scope is context-local, an eager
+call of the same module in another thread, at the same time, sees the
+module's own state, and concurrent ``functional_call`` s each see their own
+pytrees; the module's Tensors, registries and mode are never written, so
+there is nothing to restore and nothing to race on. Adding or removing
+parameters, buffers or submodules inside ``functional_call`` raises.
+
+Eager calls from several threads on one module lose nothing: the running
+statistics' read-modify-write holds the locks of their Tensors
+(:func:`lucid._tensor.update_in_place`), and ``.grad`` accumulation holds the
+lock of each leaf. A single thread pays only for uncontended locks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._arrays import is_traced
-from .._tensor import Tensor, _bridge, no_grad, stored_array
+from .._arrays import as_array, is_traced
+from .._tensor import StateScope, Tensor, _value, no_grad, stored_array
 from ._checks import check_keys
 
 __all__ = ["Module", "Parameter"]
@@ -44,6 +65,10 @@ class Parameter(Tensor):
 
     def __init__(self, data: Any, requires_grad: bool = True) -> None:
         super().__init__(data, requires_grad=requires_grad)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # As PyTorch's Parameter: a deep copy (of a module, say) starts without a gradient.
+        return {**super().__getstate__(), "_grad": None}
 
     def __repr__(self) -> str:
         return "Parameter containing:\n" + super().__repr__()
@@ -91,16 +116,36 @@ def _converted(value: Any, target: Tensor, name: str) -> jax.Array:
     return jnp.asarray(np.asarray(array).astype(dtype))
 
 
-def _attributes(module: Module) -> dict[str, Any]:
-    """A copy of ``module``'s attributes, for :meth:`Module.apply` to restore afterwards.
+def _holds_tensor(values: Iterable[Any]) -> bool:
+    for value in values:
+        if isinstance(value, Tensor):
+            return True
+        if isinstance(value, (list, tuple, dict)) and any(
+                isinstance(leaf, Tensor) for leaf in jax.tree.leaves(value, is_leaf=_is_tensor)):
+            return True
+    return False
 
-    The registries are copied one level deeper, so that a ``forward`` that
-    reassigns a parameter, buffer or child is undone too.
-    """
-    attributes = dict(module.__dict__)
-    for name in ("_parameters", "_buffers", "_modules", "_non_persistent"):
-        attributes[name] = attributes[name].copy()
-    return attributes
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor)
+
+
+def _arrays(tree: Any) -> Any:
+    """``tree`` with every Tensor replaced by its array."""
+    return jax.tree.map(lambda v: v.data if isinstance(v, Tensor) else v, tree, is_leaf=_is_tensor)
+
+
+def _call_scope(module: Module) -> StateScope | None:
+    """The innermost ``functional_call`` scope that stands in for ``module``'s state, if any."""
+    return StateScope.covering(id(module), "modules")
+
+
+def _refuse_in_call(module: Module, action: str) -> None:
+    if _call_scope(module) is not None:
+        raise ValueError(
+            f"cannot {action} of {type(module).__name__} inside Module.functional_call, which never "
+            f"changes the module: register parameters, buffers and submodules in __init__."
+        )
 
 
 class Module:
@@ -128,10 +173,8 @@ class Module:
         )
     """
 
-    training: bool
-
     def __init__(self) -> None:
-        object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_training", True)
         object.__setattr__(self, "_parameters", {})
         object.__setattr__(self, "_buffers", {})
         object.__setattr__(self, "_non_persistent", set())
@@ -148,7 +191,32 @@ class Module:
                 f"parameters, buffers or submodules."
             ) from None
 
+    @property
+    def training(self) -> bool:
+        """Whether the module is in training mode (see :meth:`train`); inside
+        :meth:`functional_call` the mode of that call.
+
+        Example:
+            >>> import lucid.nn as nn
+            >>> norm = nn.InstanceNorm1d(2)
+            >>> norm.training, norm.eval().training
+            (True, False)
+        """
+        scope = StateScope.covering(id(self), "modes")
+        return scope.modes[id(self)] if scope is not None else self.__dict__["_training"]
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        scope = _call_scope(self)
+        if scope is not None:  # context-local: the module's own mode stays
+            scope.modes[id(self)] = bool(mode)
+        else:
+            object.__setattr__(self, "_training", bool(mode))
+
     def __setattr__(self, name: str, value: Any) -> None:
+        scope = _call_scope(self)
+        if scope is not None and self._reassign_in_call(scope, name, value):
+            return
         if isinstance(value, Parameter):
             self._forget(name)
             self._registry("_parameters")[name] = value
@@ -177,15 +245,51 @@ class Module:
         else:
             object.__setattr__(self, name, value)
 
+    def _reassign_in_call(self, scope: StateScope, name: str, value: Any) -> bool:
+        """Inside ``functional_call``: keep a reassigned parameter or buffer in the scope (``True``),
+        refuse a change of structure, or leave a plain attribute to the caller (``False``)."""
+        for kind, what, cls, expected in (("_parameters", "parameter", Parameter, "lucid.nn.Parameter"),
+                                          ("_buffers", "buffer", Tensor, "lucid.Tensor")):
+            if name in self.__dict__[kind]:
+                if value is None:
+                    _refuse_in_call(self, f"remove {what} {name!r}")
+                if not isinstance(value, cls):
+                    raise TypeError(f"cannot assign {type(value).__name__} as {what} {name!r} ({expected} expected).")
+                scope.slots[(id(self), name)] = value
+                return True
+        if name in self.__dict__["_modules"] or isinstance(value, (Parameter, Module)):
+            _refuse_in_call(self, f"register or replace {name!r}")
+        return False
+
+    def _members(self, kind: str, names: Iterable[str]) -> dict[str, Tensor]:
+        """The parameters (``kind="_parameters"``) or buffers ``names`` that are not ``None``,
+        as this call sees them (what ``forward`` reassigned inside ``functional_call``)."""
+        registry = self.__dict__[kind]
+        scoped = StateScope.current() is not None
+        members = {}
+        for name in names:
+            tensor = registry.get(name)
+            if scoped:
+                tensor = self._slot(name, tensor)
+            if tensor is not None:
+                members[name] = tensor
+        return members
+
+    def _slot(self, name: str, registered: Any) -> Any:
+        """``registered`` (a parameter or buffer), or what ``forward`` reassigned it to in this call."""
+        scope = StateScope.covering((id(self), name), "slots")
+        return registered if scope is None else scope.slots[(id(self), name)]
+
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: parameters, buffers, children.
         for kind in ("_parameters", "_buffers", "_modules"):
             registry = self.__dict__.get(kind)
             if registry is not None and name in registry:
-                return registry[name]
+                return registry[name] if kind == "_modules" else self._slot(name, registry[name])
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __delattr__(self, name: str) -> None:
+        _refuse_in_call(self, f"delete {name!r}")
         if not self._forget(name):
             object.__delattr__(self, name)
 
@@ -213,7 +317,7 @@ class Module:
         """Register a non-trainable Tensor (e.g. running statistics).
 
         The buffer becomes an attribute, is listed by :meth:`named_buffers`
-        and moves with :meth:`pytrees`/:meth:`apply`; a persistent one is also
+        and moves with :meth:`pytrees`/:meth:`functional_call`; a persistent one is also
         saved by :meth:`state_dict`. Registering an existing buffer's or
         parameter's name again replaces it.
 
@@ -236,6 +340,7 @@ class Module:
             >>> m.steps, [name for name, _ in m.named_buffers()], list(m.state_dict())
             (Tensor(0, dtype=int32, grad=None), ['steps', 'cache'], ['steps'])
         """
+        _refuse_in_call(self, f"register buffer {name!r}")
         self._check_new_name(name, "buffer")
         if tensor is not None and not isinstance(tensor, Tensor):
             tensor = Tensor(tensor)
@@ -274,6 +379,7 @@ class Module:
             Traceback (most recent call last):
             TypeError: cannot assign float as parameter 'shift' (lucid.nn.Parameter or None expected).
         """
+        _refuse_in_call(self, f"register parameter {name!r}")
         self._check_new_name(name, "parameter")
         if param is not None and not isinstance(param, Parameter):
             raise TypeError(
@@ -371,8 +477,11 @@ class Module:
                        dedupe: bool = True) -> Iterator[tuple[str, Tensor]]:
         modules = self.named_modules(prefix) if recurse else iter([(prefix, self)])
         seen: set[int] = set()
+        scoped = StateScope.current() is not None
         for module_name, module in modules:
             for name, tensor in module.__dict__[kind].items():
+                if scoped:
+                    tensor = module._slot(name, tensor)
                 if tensor is None or (persistent_only and name in module._non_persistent):
                     continue
                 if dedupe and id(tensor) in seen:
@@ -486,7 +595,7 @@ class Module:
         if not isinstance(mode, (bool, np.bool_)):
             raise TypeError(f"train(mode) needs a bool, got {type(mode).__name__}.")
         for module in self.modules():
-            object.__setattr__(module, "training", bool(mode))
+            module.training = bool(mode)
         return self
 
     def eval(self) -> Module:
@@ -523,17 +632,21 @@ class Module:
             >>> m.w = nn.Parameter([1.0, 2.0])
             >>> (m.w * m.w).sum().backward()
             >>> m.zero_grad(set_to_none=False)
-            >>> m.w.grad
-            Array([0., 0.], dtype=float32)
+            >>> g = m.w.grad
+            >>> m.w.grad is g, g  # the same gradient Tensor, zeroed in place
+            (True, Tensor([0., 0.], grad=None))
             >>> m.zero_grad()
             >>> print(m.w.grad)
             None
         """
         for p in self.parameters():
-            if set_to_none or p.grad is None:
+            if p.grad is None:
+                continue
+            if set_to_none:
                 p.grad = None
             else:
-                p.grad = jnp.zeros_like(p.grad)
+                with no_grad():
+                    p.grad.zero_()
 
     # ------------------------------------------------------------ state dicts
 
@@ -635,26 +748,30 @@ class Module:
         stats = {name: b.data for name, b in self.named_buffers()}
         return params, stats
 
-    def apply(self, params: Mapping[str, Any], stats: Mapping[str, Any], *args: Any,
-              training: bool | None = None, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
+    def functional_call(self, params: Mapping[str, Any], stats: Mapping[str, Any], *args: Any,
+                        training: bool | None = None, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
         """Run the module as a pure function of its state: ``(out, new_stats)``.
 
-        The module's own state is not read or changed: for the duration of the
-        call its parameters and buffers hold ``params`` and ``stats`` (tracers
-        allowed), recording on the tape is off, and afterwards every module's
-        tensors, attributes and mode are restored, also on error. So this can
-        be wrapped in ``jax.jit``, ``jax.grad``, ``jax.vmap``. (Unlike
-        PyTorch's ``Module.apply(fn)``, this is the pure forward pass, as in
-        the ``init``/``apply`` pairs of lucid's functional API.) Under
-        ``jax.jit`` the module's hyperparameters (``eps``, ``momentum``) are
-        read when the function is traced.
+        After ``torch.func.functional_call``: for the duration of the call the
+        module's parameters and buffers (and those of its registered
+        submodules) read ``params`` and ``stats`` (tracers allowed), recording
+        on the tape is off, and the module itself is never changed: its
+        tensors, registries and mode stay as they are, also when ``forward``
+        updates running statistics or reassigns a buffer. So this can be
+        wrapped in ``jax.jit``, ``jax.grad``, ``jax.vmap``, and called from
+        several threads at once on one module, while other threads call the
+        module eagerly with its own state (the module docstring explains the
+        context-local scope that does this). Under ``jax.jit`` the module's
+        hyperparameters (``eps``, ``momentum``) are read when the function is
+        traced.
 
         Only registered submodules (assigned to attributes) take part, as in
         :meth:`state_dict`; a module kept in a plain list computes with its
         own tensors, and updating its state here raises ``TypeError`` rather
         than keeping a tracer or an update that ``new_stats`` would miss.
         ``forward`` may reassign a buffer (``self.steps = self.steps + 1``):
-        ``new_stats`` holds the new value.
+        ``new_stats`` holds the new value. Plain attributes that ``forward``
+        sets are ordinary Python side effects and are not undone.
 
         Args:
             params: the parameter pytree, keys as from :meth:`pytrees`.
@@ -673,7 +790,8 @@ class Module:
 
         Raises:
             ValueError: missing or unexpected keys, a leaf of the wrong shape,
-                or a ``forward`` that adds or removes buffers.
+                or a ``forward`` that adds or removes parameters, buffers or
+                submodules.
             TypeError: ``training`` is not a bool, or is ``None`` with traced
                 inputs (inside ``jax.jit``, ``jax.grad``, ``jax.vmap``).
 
@@ -683,11 +801,13 @@ class Module:
             >>> norm = nn.InstanceNorm1d(2)
             >>> params, stats = norm.pytrees()
             >>> x = jnp.array([[[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]]])
-            >>> step = jax.jit(lambda p, s, x: norm.apply(p, s, x, training=True))
+            >>> step = jax.jit(lambda p, s, x: norm.functional_call(p, s, x, training=True))
             >>> y, stats = step(params, stats, x)
             >>> print(stats["running_mean"], stats["num_batches_tracked"])
             [0.2 0.4] 1
-            >>> norm.load_pytrees(params, stats)
+            >>> norm.running_mean  # the module is unchanged ...
+            Tensor([0., 0.], grad=None)
+            >>> norm.load_pytrees(params, stats)  # ... until the new state is loaded back
             >>> norm.running_mean
             Tensor([0.2, 0.4], grad=None)
         """
@@ -697,43 +817,71 @@ class Module:
         for what, targets, given in (("params", named_params, params), ("stats", named_buffers, stats)):
             check_keys(given, targets, what, required=targets)
             for name, t in targets.items():
-                _check_shape(name, jnp.shape(given[name]), t)
-        leaves = jax.tree.leaves((params, stats, args, kwargs))
+                _check_shape(name, jnp.shape(_value(given[name]) if isinstance(given[name], Tensor)
+                                             else given[name]), t)
+        leaves = jax.tree.leaves((params, stats, args, kwargs), is_leaf=_is_tensor)
         if training is None and any(is_traced(v.data if isinstance(v, Tensor) else v) for v in leaves):
             raise TypeError(
-                "apply(..., training=None) with traced inputs: the modules' current mode would be read "
-                "once, when the function is traced, and a compiled function would keep it after "
+                "functional_call(..., training=None) with traced inputs: the modules' current mode would be "
+                "read once, when the function is traced, and a compiled function would keep it after "
                 "module.train()/module.eval(). Pass training=True or training=False."
             )
-        swapped = [*named_params.values(), *named_buffers.values()]
-        saved_data = [(t, t.data) for t in swapped]
-        saved_modules = [(m, _attributes(m)) for m in self.modules()]
-        try:
-            with no_grad(), _bridge(swapped):
-                for name, t in named_params.items():
-                    t._data = jnp.asarray(params[name])
-                for name, t in named_buffers.items():
-                    t._data = jnp.asarray(stats[name])
-                if training is not None:
-                    self.train(bool(training))
-                out = self(*args, **kwargs)
-                # Read after forward, so that a buffer reassigned there counts.
-                after = dict(self.named_buffers())
-                if after.keys() != named_buffers.keys():
-                    raise ValueError(
-                        f"forward changed the module's buffers inside apply (before: {list(named_buffers)}, "
-                        f"after: {list(after)}); register buffers in __init__."
-                    )
-                new_stats = {name: t.data for name, t in after.items()}
-        finally:
-            for t, data in saved_data:
-                t._data = data
-            for m, attributes in saved_modules:
-                m.__dict__.clear()
-                m.__dict__.update(attributes)
-        out = jax.tree.map(lambda v: v.data if isinstance(v, Tensor) else v, out,
-                           is_leaf=lambda v: isinstance(v, Tensor))
+
+        def given(value: Any, what: str) -> jax.Array:
+            return _value(value) if isinstance(value, Tensor) else jnp.asarray(as_array(value, what))
+
+        modules = list(self.modules())
+        scope = StateScope(
+            [(t, given(params[name], f"params[{name!r}]")) for name, t in named_params.items()]
+            + [(t, given(stats[name], f"stats[{name!r}]")) for name, t in named_buffers.items()],
+            modules=modules,
+            modes={} if training is None else {id(m): bool(training) for m in modules},
+        )
+        with no_grad(), scope.active():
+            out = _arrays(self(*args, **kwargs))  # inside: a returned parameter reads the scope
+            new_stats = {name: _value(t) for name, t in self.named_buffers()}
         return out, new_stats
+
+    def apply(self, fn: Callable[[Module], Any], *args: Any, **kwargs: Any) -> Module:
+        """Call ``fn`` on every submodule (children first, recursively), then on this module.
+
+        PyTorch's ``Module.apply``, e.g. to initialize parameters
+        (``net.apply(init_weights)``). The pure forward pass is
+        :meth:`functional_call`.
+
+        Args:
+            fn: called with each module; its return value is ignored.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError: ``fn`` is not callable, or more arguments are given
+                (the pure call is :meth:`functional_call`).
+
+        Example:
+            >>> import lucid.nn as nn
+            >>> from lucid import no_grad
+            >>> net = nn.Module()
+            >>> net.a, net.b = nn.InstanceNorm1d(2), nn.InstanceNorm1d(2)
+            >>> def init(m):
+            ...     if isinstance(m, nn.InstanceNorm1d):
+            ...         with no_grad():
+            ...             m.weight.fill_(0.5)
+            >>> net.apply(init) is net, net.b.weight
+            (True, Parameter containing:
+            Tensor([0.5, 0.5], grad=None))
+        """
+        if args or kwargs or not callable(fn):
+            raise TypeError(
+                "Module.apply(fn) calls fn on every submodule, then on the module (PyTorch's meaning); "
+                "to run the module as a pure function of pytrees use "
+                "module.functional_call(params, stats, *inputs, training=...)."
+            )
+        for module in self.children():
+            module.apply(fn)
+        fn(self)
+        return self
 
     def load_pytrees(self, params: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
         """Take back the pytrees of :meth:`pytrees` (e.g. after a jitted training step), in place.
@@ -757,7 +905,7 @@ class Module:
             >>> norm = nn.InstanceNorm1d(2)
             >>> params, stats = norm.pytrees()
             >>> x = jnp.array([[[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]]])
-            >>> grads = jax.jit(jax.grad(lambda p: norm.apply(p, stats, x, training=True)[0].sum()))(params)
+            >>> grads = jax.jit(jax.grad(lambda p: norm.functional_call(p, stats, x, training=True)[0].sum()))(params)
             >>> norm.load_pytrees({k: params[k] - 0.5 * grads[k] for k in params}, stats)
             >>> norm.bias
             Parameter containing:
@@ -803,7 +951,40 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} must define forward().")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.forward(*args, **kwargs)
+        """Run :meth:`forward`: a Tensor in, Tensors out; JAX or NumPy arrays in, JAX arrays out.
+
+        With a :class:`lucid.Tensor` among the inputs, the call is recorded on
+        the tape (for ``.backward()``) and returns what ``forward`` returns.
+        Without one (JAX arrays, tracers, NumPy arrays), nothing is recorded
+        and every Tensor in the output comes back as its ``jax.Array``, so a
+        module is an ordinary JAX function: ``jax.jit(lambda x: norm(x))`` and
+        ``jax.grad`` work whenever the call stores nothing (eval mode, or no
+        running statistics). A training call with running statistics under a
+        transformation raises ``TypeError`` naming :meth:`functional_call`;
+        outside one (concrete arrays) it updates them in place.
+
+        Args:
+            *args: the inputs of :meth:`forward`.
+            **kwargs: its keyword inputs.
+
+        Returns:
+            The output of :meth:`forward`, with Tensors replaced by arrays
+            when no input was a Tensor.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> import lucid.nn as nn
+            >>> norm = nn.InstanceNorm1d(1).eval()
+            >>> x = jnp.array([[[1.0, 3.0]]])
+            >>> jax.jit(lambda x: norm(x))(x)
+            Array([[[0.999995, 2.999985]]], dtype=float32)
+            >>> jax.grad(lambda x: norm(x).sum())(x)
+            Array([[[0.999995, 0.999995]]], dtype=float32)
+        """
+        if _holds_tensor(args) or _holds_tensor(kwargs.values()):
+            return self.forward(*args, **kwargs)
+        with no_grad():
+            return _arrays(self.forward(*args, **kwargs))
 
     def extra_repr(self) -> str:
         """The module's own settings, shown inside its ``repr``.

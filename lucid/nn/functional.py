@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from .._arrays import _is_torch_tensor
 from . import _checks, _native, _normalize, _running
 from ._stats import NormConfig
 
@@ -116,6 +117,10 @@ def instance_norm_apply(
     running statistics are updated. The exact rules (formula, running
     statistics, ``momentum=None``, masks, edge cases) are stated in the
     Semantics section of lucid's README.
+
+    Arrays may be JAX arrays (tracers included), NumPy arrays or PyTorch
+    tensors (read through NumPy, so torch is never imported); the results are
+    JAX arrays.
 
     Args:
         params: ``{"weight": (C,), "bias": (C,)}``, either key optional, or
@@ -240,7 +245,10 @@ def instance_norm(
     :func:`instance_norm_apply` to get the updated running statistics. If any
     argument is a :class:`lucid.Tensor`, the output is a Tensor recorded on
     the autograd tape, and in training ``running_mean`` and ``running_var``
-    given as Tensors are updated in place, as in PyTorch.
+    given as Tensors are updated in place, as in PyTorch. PyTorch tensors are
+    read as arrays (through NumPy); since lucid cannot update them in place,
+    a training call refuses them as running statistics rather than leave them
+    silently unchanged.
 
     Args:
         input_: shape ``(N, C, *spatial)``, at least one spatial axis.
@@ -257,7 +265,8 @@ def instance_norm(
     Raises:
         TypeError, ValueError: as :func:`instance_norm_apply`; also when only
             one of ``running_mean``/``running_var`` is given, or (in training)
-            only one of them is a Tensor. A failed call changes nothing.
+            only one of them is a Tensor, or they are PyTorch tensors. A
+            failed call changes nothing.
 
     Example:
         The reference example: Tensors in, a Tensor out, running statistics
@@ -293,6 +302,14 @@ def instance_norm(
         raise ValueError(
             "momentum=None (cumulative moving average) needs a batch count; use "
             "instance_norm_apply with stats from instance_norm_init, or an InstanceNorm module."
+        )
+    if training and any(_is_torch_tensor(v) and not hasattr(type(v), "__lucid_function__")
+                        for v in (running_mean, running_var)):
+        raise TypeError(
+            "running_mean/running_var are torch.Tensors, which lucid reads but cannot update in place. "
+            "Pass lucid.Tensor(running_mean) and lucid.Tensor(running_var) to have them updated in place "
+            "(copy the values back with torch_tensor.copy_(torch.from_numpy(t.numpy()))), or call "
+            "instance_norm_apply, which returns the new statistics."
         )
     params = {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}
     stats = {} if running_mean is None else {"running_mean": running_mean, "running_var": running_var}
