@@ -14,12 +14,13 @@ there are), each device holding its share of every batch:
   they are averaged over the whole batch, across devices, so every device holds
   identical values, the ones training on one device would give.
 
-It checks that one data-parallel step gives the numbers of one device, prints
-progress, evaluates on held-out scans with instance statistics and with the
-running statistics, and saves a plot of the loss as ``data_parallel_loss.png``
-in the current directory.
+It checks that one data-parallel step gives the numbers of one device, shows
+a progress bar, evaluates on held-out scans with instance statistics and with
+the running statistics, saves a plot of the loss as ``data_parallel_loss.png``
+in ``--out`` (default: the current directory), and ends with a JSON line of
+its numbers.
 
-Run: ``python examples/data_parallel.py`` (``--steps N`` for a shorter or longer run).
+Run: ``python examples/data_parallel.py [--steps N] [--out DIR]``.
 On a cluster, start one process per host with ``--distributed`` (see the README).
 """
 
@@ -33,8 +34,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse
-import time
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,7 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 import lucid.nn.functional as F
 
@@ -214,7 +217,7 @@ def in_sync(tree: Stats) -> bool:
     return True
 
 
-def save_plot(losses: list[float], path: str) -> None:
+def save_plot(losses: list[float], path: Path) -> None:
     """The loss of every step, on a log scale, as a PNG."""
     import matplotlib
 
@@ -234,7 +237,7 @@ def save_plot(losses: list[float], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
-    parser.add_argument("--plot", default="data_parallel_loss.png", help="where to save the loss plot")
+    parser.add_argument("--out", type=Path, default=Path("."), help="directory for the loss plot (default: .)")
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-host run: jax.distributed.initialize() before anything else")
     parser.add_argument("--coordinator", help="with --distributed: HOST:PORT of process 0 "
@@ -248,6 +251,7 @@ def main() -> None:
         # Whatever is not given is read from the cluster's environment.
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
+    args.out.mkdir(parents=True, exist_ok=True)
     n_devices = jax.device_count()
     mesh = jax.make_mesh((n_devices,), ("data",))
     split = NamedSharding(mesh, P("data"))
@@ -265,27 +269,35 @@ def main() -> None:
     train_step = make_train_step(mesh, optimizer)
 
     x, labels = global_batch(split, rng, n_global)
+    gap = None
     if jax.process_count() == 1:
         gap = check_against_one_device(train_step, params, opt_state, stats, x, labels)
         print(f"one data-parallel step vs the same step on one device: max |difference| = {gap:.2e}")
 
-    losses, start = [], time.perf_counter()
-    every = max(1, args.steps // 10)
-    for step in range(1, args.steps + 1):
+    losses = []
+    progress = tqdm(range(args.steps), desc="training", unit="step", disable=not lead)
+    for _ in progress:
         params, opt_state, stats, loss, _ = train_step(params, opt_state, stats, x, labels)
         losses.append(float(loss))
-        if lead and (step % every == 0 or step == args.steps):
-            print(f"step {step:4d}  loss {losses[-1]:.4f}  ({time.perf_counter() - start:.1f} s)")
+        progress.set_postfix(loss=f"{losses[-1]:.4f}")
         x, labels = global_batch(split, rng, n_global)
 
     test_x, test_labels = global_batch(split, rng, 32 * n_devices)
     acc_instance, acc_running = map(float, accuracies(params, stats, test_x, test_labels))
     if lead:
-        print(f"running statistics identical on all {len(jax.local_devices())} local devices: {in_sync(stats)}")
+        synced = in_sync(stats)
+        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps")
+        print(f"running statistics identical on all {len(jax.local_devices())} local devices: {synced}")
         print(f"held-out accuracy (chance: {1 / CLASSES:.2f}): {acc_instance:.3f} with instance statistics, "
               f"{acc_running:.3f} with the running statistics")
-        save_plot(losses, args.plot)
-        print(f"saved {os.path.abspath(args.plot)}")
+        plot = args.out / "data_parallel_loss.png"
+        save_plot(losses, plot)
+        print(f"saved {plot.resolve()}")
+        print(json.dumps({
+            "devices": n_devices, "processes": jax.process_count(), "batch": n_global, "steps": args.steps,
+            "one_device_gap": gap, "stats_in_sync": synced, "losses": losses,
+            "accuracy_instance_stats": acc_instance, "accuracy_running_stats": acc_running, "plot": str(plot),
+        }))
 
 
 if __name__ == "__main__":

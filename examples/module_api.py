@@ -1,10 +1,11 @@
 """The stateful API, as someone porting a PyTorch model would use it.
 
-An ``nn.InstanceNorm2d`` learns, with ``lucid.Tensor``, ``.backward()`` and a hand-written SGD
-step, to map images of random brightness and contrast onto a target per-channel scale and shift;
-its running statistics follow along in training mode and are used in eval mode. The state dict is
-saved with ``lucid.save`` (an ``.npz`` file, no pickle), loaded into a fresh module, and, when
-PyTorch is installed, handed to ``torch.nn.InstanceNorm2d`` to show both give the same outputs.
+An ``nn.InstanceNorm2d`` learns, with ``lucid.Tensor``, ``.backward()`` and PyTorch's hand-written
+SGD step (``p -= lr * p.grad`` under ``no_grad``), to map images of random brightness and contrast
+onto a target per-channel scale and shift; its running statistics follow along in training mode
+and are used in eval mode. The state dict is saved with ``lucid.save`` (an ``.npz`` file, no
+pickle), loaded into a fresh module, and, when PyTorch is installed, handed to
+``torch.nn.InstanceNorm2d`` to show both give the same outputs.
 Saves ``module_api_training.png``: the loss and the learned weight/bias per step.
 
 Run: ``python examples/module_api.py [--steps N] [--out DIR]``
@@ -54,9 +55,9 @@ def train(norm: nn.InstanceNorm2d, steps: int, lr: float, seed: int = 0) -> dict
         loss = ((norm(lucid.Tensor(x)) - lucid.Tensor(target)) ** 2).mean()
         norm.zero_grad()
         loss.backward()
-        with lucid.no_grad():
+        with lucid.no_grad():  # PyTorch's SGD step, in place
             for p in norm.parameters():
-                p.data = p.data - lr * p.grad
+                p -= lr * p.grad
         history["loss"].append(loss.item())
         history["weight"].append(norm.weight.numpy().copy())
         history["bias"].append(norm.bias.numpy().copy())
