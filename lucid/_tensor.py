@@ -140,6 +140,17 @@ class StateScope:
         values: ``(tensor, value)`` pairs.
         modules: the modules whose state the scope stands in for.
         modes: training mode per module (by ``id``); a module not in it reads its own.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lucid import Tensor
+        >>> from lucid._tensor import StateScope
+        >>> t = Tensor([1.0, 2.0])
+        >>> with StateScope([(t, jnp.array([5.0, 6.0]))]).active():
+        ...     t += 1  # lands in the scope
+        ...     inside = t.tolist()
+        >>> inside, t.tolist()
+        ([6.0, 7.0], [1.0, 2.0])
     """
 
     __slots__ = ("values", "tensors", "modules", "modes", "slots", "parent")
@@ -950,7 +961,7 @@ class Tensor:
                 raise ValueError(f"{what}: the operand of shape {shape} does not broadcast to the "
                                  f"Tensor's shape {self.shape}; the Tensor is unchanged.")
         target = self.dtype
-        with _lock_of(self):
+        with _locked((self,)):  # the read and the write, one step (none inside a functional_call's scope)
             out = apply_jax(fun, self, *operands)
             if same_kind and not jnp.can_cast(out.dtype, target, casting="same_kind"):
                 raise TypeError(f"{what}: the result type {out.dtype} can't be cast to the Tensor's dtype "
