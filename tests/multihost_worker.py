@@ -6,13 +6,7 @@ Usage: python multihost_worker.py PROCESS_ID PORT OUT.npz
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
-
 import jax
-
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
@@ -43,6 +37,11 @@ def train(params, stats, x, g):
 
 
 def main(process_id: int, port: int, out: str) -> None:
+    # Set here, not at import: the test imports this module for problem() and train(), and its own
+    # process keeps the suite's devices. (Read when JAX first starts its CPU backend.)
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
     x, g, params, stats = problem()
     mesh = jax.make_mesh((jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
