@@ -1,6 +1,6 @@
 """lucid's native CPU kernels against the pure-XLA path and float64 references.
 
-The kernels (``csrc/instance_norm_cpu.cc``) compute the forward pass and the
+The kernels (``csrc/``) compute the forward pass and the
 backward pass (the transpose of the tangent map) on CPU where they apply;
 every other test of the suite runs through them too. Here: that they are
 built and used, that they agree with the XLA path, with float64 NumPy and with
