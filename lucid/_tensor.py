@@ -1683,10 +1683,11 @@ def snapshot(tensors: Mapping[str, Tensor]) -> dict[str, jax.Array]:
 
 
 def instance_norm(apply: Callable[..., Any], params: Mapping[str, Any], stats: Mapping[str, Any], input_: Any, *,
-                  training: bool, momentum: Any, eps: float) -> Tensor:
+                  training: bool) -> Tensor:
     """``lucid.nn.functional.instance_norm`` with Tensors: on the tape, running statistics updated in place.
 
-    ``apply`` is ``instance_norm_apply``; ``params`` and ``stats`` hold the
+    ``apply`` is ``instance_norm_apply`` with the call's settings (``training`` among them) bound,
+    ``apply(params, stats, x) -> (y, new_stats)``; ``params`` and ``stats`` hold the
     reference signature's ``weight``/``bias`` and ``running_mean``/``running_var``
     (any of them Tensors). In training, running statistics given as Tensors
     take their new values in place, as in PyTorch; given as arrays, they stay
@@ -1699,12 +1700,9 @@ def instance_norm(apply: Callable[..., Any], params: Mapping[str, Any], stats: M
             f"(left unchanged), got {type(stats['running_mean']).__name__} and {type(stats['running_var']).__name__}."
         )
 
-    def run(params: dict, stats: dict, x: Any) -> tuple[jax.Array, dict]:
-        return apply(params, stats, x, training=training, momentum=momentum, eps=eps)
-
     if in_place:
-        return update_in_place(run, (dict(params), dict(stats), input_), stats, "running_mean/running_var")
-    return apply_jax(run, dict(params), dict(stats), input_, has_aux=True)[0]
+        return update_in_place(apply, (dict(params), dict(stats), input_), stats, "running_mean/running_var")
+    return apply_jax(apply, dict(params), dict(stats), input_, has_aux=True)[0]
 
 
 # lucid.nn.functional.instance_norm hands its calls with a Tensor argument to this hook.

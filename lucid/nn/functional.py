@@ -238,6 +238,8 @@ def instance_norm(
     training: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    implementation: Implementation = None,
 ) -> jax.Array:
     r"""Instance normalization of an ``(N, C, *spatial)`` input: the reference page's function.
 
@@ -260,6 +262,7 @@ def instance_norm(
         training: use instance statistics (and update the running statistics).
         momentum: update factor of the running statistics.
         eps: added to the variance for numerical stability.
+        implementation: as :func:`instance_norm_apply` (``None``, ``"xla"`` or ``"native"``).
 
     Returns:
         The normalized values, with the shape and dtype of ``input_``: a
@@ -319,9 +322,10 @@ def instance_norm(
     # Array types that keep their own state (lucid.Tensor: a tape, in-place
     # updates) take the call over through this hook, so that this layer never
     # imports the facade above it.
+    apply = partial(instance_norm_apply, training=training, momentum=momentum, eps=eps, implementation=implementation)
     for value in (input_, running_mean, running_var, weight, bias):
         override = getattr(type(value), "__lucid_function__", None)
         if override is not None:
-            return override(instance_norm_apply, params, stats, input_, training=training, momentum=momentum, eps=eps)
-    y, _ = instance_norm_apply(params, stats, input_, training=training, momentum=momentum, eps=eps)
+            return override(apply, params, stats, input_, training=training)
+    y, _ = apply(params, stats, input_)
     return y
