@@ -93,47 +93,43 @@ def _spatial_sum(v: jax.Array, layout: Layout) -> jax.Array:
     return s
 
 
-def _spatial_sums(values: tuple[jax.Array, ...], layout: Layout) -> tuple[jax.Array, ...]:
-    """Several spatial sums from one sweep over memory.
-
-    One variadic reduce, so XLA reads the operands' producer (``x``) once
-    instead of once per sum. Only the primal uses it: a variadic reduce has no
-    transpose rule, so the linear tangent maps use :func:`_spatial_sum`.
-    """
-    zeros = tuple(jnp.zeros((), v.dtype) for v in values)
-    sums = lax.reduce(values, zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), layout.reduce_axes)
-    sums = tuple(jnp.expand_dims(s, layout.reduce_axes) for s in sums)
-    if layout.spatial_axis_name is not None:
-        sums = lax.psum(sums, layout.spatial_axis_name)
-    return sums
-
-
 def _local_spatial_size(shape: tuple[int, ...], layout: Layout) -> int:
     return math.prod(shape[a] for a in layout.reduce_axes)
 
 
 def _shift(xc: jax.Array, mask: jax.Array | None, count: jax.Array, layout: Layout) -> jax.Array:
-    """A per-instance value close to the data; its exact value does not matter.
+    """A rough mean ``k`` of every instance: the centre of :func:`instance_stats`'s second pass.
 
-    Unmasked: the first spatial element (no extra pass over memory). Masked: a
-    rough masked mean, because the first element may be padding.
+    ``sum(x) / M`` over the valid elements (one read of ``x``, summed across
+    devices like every other statistic): within a few ulps of the data's
+    magnitude of the mean, wherever the outliers are. The second pass corrects it.
 
-    A spatial axis sharded over an ``Explicit`` mesh axis under ``jax.jit``
-    cannot be sliced to one element (JAX rejects slicing a sharded dim to a
-    size the mesh does not divide); along such axes the shift is the mean of
-    that first line instead, a small all-reduce that every device shares.
+    Its exact value does not matter, but it must be one value: the sums and
+    the output all centre on ``k`` and correct by ``md``, which adds up only if
+    they subtract the same float. XLA recomputes a small expression inside
+    each of its consumers, and there contracts a multiply feeding a subtraction
+    into one fused multiply-add: one pass would subtract the unrounded
+    ``sum * (1 / M)``, another the rounded one. Rounded to one bit less than
+    its dtype (an operation that is neither an addition nor an identity XLA
+    could drop), ``k`` is the same float in every consumer.
     """
-    if mask is not None:
-        return _spatial_sum(jnp.where(mask, xc, 0), layout) / count
-    spec = jax.typeof(xc).sharding.spec
-    sharded = tuple(a for a in layout.reduce_axes if a < len(spec) and spec[a] is not None)
-    first = xc[tuple(slice(0, 1) if a in layout.reduce_axes and a not in sharded else slice(None) for a in range(xc.ndim))]
-    if sharded:
-        first = jnp.mean(first, axis=sharded, keepdims=True)
-    if layout.spatial_axis_name is not None:
-        # Every shard must shift by the same value for the sums to combine.
-        first = lax.pmean(first, layout.spatial_axis_name)
-    return first
+    finfo = jnp.finfo(xc.dtype)
+    total = _spatial_sum(xc if mask is None else jnp.where(mask, xc, 0), layout)
+    return lax.reduce_precision(total / count, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant - 1)
+
+
+def _copies(v: jax.Array, n: int) -> tuple[jax.Array, ...]:
+    """``n`` copies of a small per-instance array that XLA does not merge back into one.
+
+    XLA's CPU backend runs a sum in its vectorized reduction library only
+    together with the elementwise work that feeds that sum alone: an x-sized
+    expression that two sums share (``x - k`` in both, once XLA has merged
+    identical expressions) is written to memory and read back instead. A sum
+    built on its own copy of ``k`` recomputes its expression from ``x`` within
+    its one read. (An optimization barrier: free at run time, and only a
+    matter of speed.)
+    """
+    return lax.optimization_barrier((v,) * n)
 
 
 def _valid_count(x: jax.Array, mask: jax.Array | None, layout: Layout, dtype) -> jax.Array:
@@ -158,22 +154,42 @@ class InstanceStats(NamedTuple):
 
 
 def instance_stats(x: jax.Array, mask: jax.Array | None, layout: Layout) -> InstanceStats:
-    """Shifted one-sweep mean and biased variance of every ``(n, c)`` instance.
+    """Mean and biased variance of every ``(n, c)`` instance by a corrected two-pass algorithm.
 
-    ``sum(d)`` and ``sum(d * d)`` of ``d = x - k`` are computed from the same
-    read of ``x``; with ``k`` within a few standard deviations of the mean the
-    subtraction ``S2/M - md**2`` loses at most a few bits.
+    The first pass gives a rough mean ``k`` (:func:`_shift`); the second sums
+    ``d = x - k`` and ``d * d``, and::
+
+        md  = sum(d) / M                           the correction of the mean, mu = k + md
+        var = (sum(d * d) - sum(d) * md) / M       = mean((x - mu)**2) exactly
+
+    ``k`` is within a few ulps of the data's magnitude of the true mean,
+    wherever the outliers are, so the correction ``sum(d) * md`` is tiny next
+    to ``sum(d * d)``: nothing cancels, and the variance keeps full float
+    precision (a one-sweep ``E[x**2] - E[x]**2`` around a value far from the
+    mean, e.g. a hot first pixel, would not).
+
+    Each pass is one single-output sum over the spatial axes, the form XLA's
+    CPU backend hands to its vectorized reduction library (a multi-output
+    reduce is compiled to much slower scalar loops); on GPU, XLA fuses the
+    sibling sums of the second pass into one read of ``x``.
     """
     cdt = compute_dtype(x.dtype)
-    xc = x.astype(cdt)
+    # Each pass converts x to the compute dtype by itself (in its one read)
+    # rather than all sharing one converted copy written to memory.
+    x0, x1, x2 = (x,) * 3 if x.dtype == cdt else (v.astype(cdt) for v in _copies(x, 3))
     count = _valid_count(x, mask, layout, cdt)
-    k = _shift(xc, mask, count, layout)
-    d = xc - k
+    k = _shift(x0, mask, count, layout)
+    d1, d2 = (xv - c for xv, c in zip((x1, x2), _copies(k, 2)))
     if mask is not None:
-        d = jnp.where(mask, d, 0)
-    s1, s2 = _spatial_sums((d, d * d), layout)
+        d1, d2 = jnp.where(mask, d1, 0), jnp.where(mask, d2, 0)
+    s1 = _spatial_sum(d1, layout)
+    s2 = _spatial_sum(d2 * d2, layout)
     md = s1 / count
-    var = jnp.maximum(s2 / count - md * md, 0)
+    var = (s2 - s1 * md) / count
+    # Clamped by a select rather than a maximum: XLA's CPU reduction library
+    # takes maxima but no selects, so this stops it from absorbing everything
+    # downstream of the sum, the output pass included, into one slow kernel.
+    var = jnp.where(var < 0, 0, var)
     return InstanceStats(k, md, var, count)
 
 
@@ -217,26 +233,27 @@ def normalize_with_instance_stats(x, weight, bias, mask, layout: Layout):
         biased variance in the compute dtype, of shape ``x.shape`` with the
         spatial axes set to 1; and the valid count of each instance.
     """
-    y, mean, _, var, count = _normalize_and_stats(x, weight, bias, mask, layout)
-    return y, mean, var, count
+    y, center, residual, var, count = _normalize_and_stats(x, weight, bias, mask, layout)
+    return y, center + residual, var, count
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _normalize_and_stats(x, weight, bias, mask, layout: Layout):
-    """``(y, mean, residual, var, count)``: the output and per-instance statistics.
+    """``(y, center, residual, var, count)``: the output and per-instance statistics.
 
-    ``mean`` is rounded to the compute dtype and ``residual`` is what that
-    rounding lost (the tangent map centres on ``mean`` and corrects by
-    ``residual``). On CPU, where it applies, lucid's native kernel computes
-    the same quantities in one read of ``x`` (:mod:`lucid.nn._native`).
+    The mean is ``center + residual``: ``center`` a float close to the mean,
+    ``residual`` the small rest (the tangent map centres on ``center`` and
+    corrects by ``residual``, as the output does). The XLA path gives the
+    rough mean ``k`` and its correction ``md`` (:func:`instance_stats`); on
+    CPU, where it applies, lucid's native kernel computes the rounded mean and
+    its rounding error in one read of ``x`` (:mod:`lucid.nn._native`).
     """
 
     def with_xla():
         stats = instance_stats(x, mask, layout)
         rstd = lax.rsqrt(stats.var + layout.eps)
         y = _normalize(x, stats.shift, stats.mean_shifted, rstd, weight, bias)
-        mean = stats.shift + stats.mean_shifted
-        return y, mean, stats.mean_shifted - (mean - stats.shift), stats.var, stats.count
+        return y, stats.shift, stats.mean_shifted, stats.var, stats.count
 
     if not (layout.native and _native.eligible(x, weight, bias, mask, layout.reduce_axes, layout.spatial_axis_name)):
         return with_xla()
@@ -259,19 +276,23 @@ def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx
         dvar  = 2 ds / r          since  x - mu = xhat / r
 
     It is written on ``d = x - center`` (exact) instead of
-    ``xhat = (d - e) r``, with ``e = mean - center`` the tiny rounding
-    residual: ``ds = r (mean(d dx) - e dm)`` and ``xhat * B = d * (r B) - e r B``.
+    ``xhat = (d - e) r``, with ``e = mean - center`` the small residual:
+    ``ds = r (mean(d dx) - e dm)`` and ``xhat * B = d * (r B) - e r B``.
     Then every input-sized term is ``dx`` or
     ``d`` times a per-instance coefficient, and the transposed program (the
     backward pass) needs exactly two per-instance sums, ``sum(g)`` and
     ``sum(g * d)``, with nothing input-sized to materialize in between.
     """
     cdt = rstd.dtype
-    d = x.astype(cdt) - center
+    # One d for the sums of the tangent, one for its output: in the transposed
+    # program (the backward pass) the latter becomes the sum of g * d, and the
+    # former a term of the input's cotangent; unshared, each recomputes d.
+    xs = (x, x) if x.dtype == cdt else _copies(x, 2)
+    d_sum, d = (xv.astype(cdt) - c for xv, c in zip(xs, _copies(center, 2)))
     dxc = dx.astype(cdt)
     dxm = dxc if mask is None else jnp.where(mask, dxc, 0)
     dm = _spatial_sum(dxm, layout) / count
-    ds = rstd * (_spatial_sum(d * dxm, layout) / count - residual * dm)
+    ds = rstd * (_spatial_sum(d_sum * dxm, layout) / count - residual * dm)
     a = rstd if weight is None else rstd * weight
     b = -a * ds
     c = -a * dm
@@ -291,25 +312,25 @@ def _normalize_and_stats_jvp(layout, primals, tangents):
     # The primal through the function itself, not its body: at higher orders
     # JAX differentiates this rule, and must meet this rule again rather than
     # the statistics' implementation (the native kernel has no derivative).
-    primal_out = y, mean, residual, var, count = _normalize_and_stats(x, weight, bias, mask, layout)
+    primal_out = y, center, residual, var, count = _normalize_and_stats(x, weight, bias, mask, layout)
     rstd = lax.rsqrt(var + layout.eps)
-    # The tangent map centres on the rounded mean, a computed (N, C) array rather
-    # than a slice of x, so XLA fuses the recomputation of x - mean into the
-    # backward reductions instead of materializing it. x - mean is still exact
-    # (both are floats of one magnitude); the rounding of the mean is carried
-    # by the small residual, keeping xhat = ((x - mean) - residual) * r exact.
+    # The tangent map centres on `center`, a computed (N, C) array rather than
+    # a slice of x, so XLA fuses the recomputation of x - center into the
+    # backward reductions instead of materializing it. x - center is exact
+    # (floats of one magnitude); the small residual keeps
+    # xhat = ((x - center) - residual) * r exact.
     dweight = None if weight is None else dweight
     dbias = None if bias is None else dbias
     if layout.native and _native.eligible(x, weight, bias, mask, layout.reduce_axes, layout.spatial_axis_name):
         # The same map as one primitive, whose transpose runs the native backward kernel on CPU.
-        dy, dmean, dvar = _kernel_tangent(layout, x, mean, residual, rstd, weight, dx, dweight, dbias)
+        dy, dmean, dvar = _kernel_tangent(layout, x, center, residual, rstd, weight, dx, dweight, dbias)
     else:
         # The tangent map recomputes xhat instead of saving it (see the module docstring);
-        # prevent_cse keeps XLA from sharing x - mean with the forward pass.
+        # prevent_cse keeps XLA from sharing x - center with the forward pass.
         tangent = jax.checkpoint(partial(_instance_tangent, layout), prevent_cse=True)
-        dy, dmean, dvar = tangent(x, mean, residual, rstd, count, weight, mask, dx, dweight, dbias)
-    # The residual is a rounding error: its derivative is zero, and the
-    # rounded mean moves with the mean.
+        dy, dmean, dvar = tangent(x, center, residual, rstd, count, weight, mask, dx, dweight, dbias)
+    # Only the mean, center + residual, is a quantity with a derivative: the
+    # whole of it goes to `center`, the residual's is zero.
     return primal_out, (dy, dmean, jnp.zeros_like(residual), dvar, jnp.zeros_like(count))
 
 
