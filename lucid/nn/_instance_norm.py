@@ -93,6 +93,34 @@ def _spatial_sum(v: jax.Array, layout: Layout) -> jax.Array:
     return s
 
 
+def _one_spatial_axis(x: jax.Array, layout: Layout) -> Layout | None:
+    """The layout of ``x`` with its spatial axes merged into one, or ``None`` where that does not apply.
+
+    Merging adjacent axes is a free reshape of a contiguous array, and XLA's
+    CPU reduction library sums one long row per instance much faster than
+    many short ones (an 8x8 image is 8 rows of 8). Not where a spatial axis is
+    sharded under ``jax.jit``: the merged axis would have to carry its split.
+    """
+    axes = layout.reduce_axes
+    spec = jax.typeof(x).sharding.spec
+    if len(axes) < 2 or axes != tuple(range(axes[0], axes[-1] + 1)):
+        return None
+    if any(a < len(spec) and spec[a] is not None for a in axes):
+        return None
+    return layout._replace(reduce_axes=(axes[0],))
+
+
+def _merge_spatial(v, shape: tuple[int, ...], layout: Layout):
+    """``v`` (``None``, a scalar, or broadcastable to ``shape``) in the view of :func:`_one_spatial_axis`."""
+    if v is None or jnp.ndim(v) == 0:
+        return v
+    axes = layout.reduce_axes
+    v = jnp.reshape(v, (1,) * (len(shape) - v.ndim) + v.shape)
+    if any(v.shape[a] != 1 for a in axes):  # per element: every spatial axis in full
+        v = jnp.broadcast_to(v, tuple(shape[a] if a in axes else n for a, n in enumerate(v.shape)))
+    return v.reshape((*v.shape[: axes[0]], math.prod(v.shape[a] for a in axes), *v.shape[axes[-1] + 1:]))
+
+
 def _local_spatial_size(shape: tuple[int, ...], layout: Layout) -> int:
     return math.prod(shape[a] for a in layout.reduce_axes)
 
@@ -173,6 +201,11 @@ def instance_stats(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Inst
     reduce is compiled to much slower scalar loops); on GPU, XLA fuses the
     sibling sums of the second pass into one read of ``x``.
     """
+    merged = _one_spatial_axis(x, layout)
+    if merged is not None:
+        stats = instance_stats(*(_merge_spatial(v, x.shape, layout) for v in (x, mask)), merged)
+        kept = tuple(1 if a in layout.reduce_axes else n for a, n in enumerate(x.shape))
+        return InstanceStats(*(v.reshape(kept) if v.ndim else v for v in stats))
     cdt = compute_dtype(x.dtype)
     # Each pass converts x to the compute dtype by itself (in its one read)
     # rather than all sharing one converted copy written to memory.
@@ -275,24 +308,31 @@ def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx
         dmean = dm
         dvar  = 2 ds / r          since  x - mu = xhat / r
 
-    It is written on ``d = x - center`` (exact) instead of
-    ``xhat = (d - e) r``, with ``e = mean - center`` the small residual:
-    ``ds = r (mean(d dx) - e dm)`` and ``xhat * B = d * (r B) - e r B``.
-    Then every input-sized term is ``dx`` or
-    ``d`` times a per-instance coefficient, and the transposed program (the
+    With ``xhat / r = (x - center) - residual`` recomputed as the forward pass
+    does it (:func:`_centered`, exact), every input-sized term is ``dx`` or
+    ``xhat`` times a per-instance coefficient, and the transposed program (the
     backward pass) needs exactly two per-instance sums, ``sum(g)`` and
-    ``sum(g * d)``, with nothing input-sized to materialize in between.
+    ``sum(g * xhat)``, with nothing input-sized to materialize in between.
     """
+    merged = _one_spatial_axis(x, layout)
+    if merged is not None:
+        views = (_merge_spatial(v, x.shape, layout)
+                 for v in (x, center, residual, rstd, count, weight, mask, dx, dweight, dbias))
+        dy, dmean, dvar = _instance_tangent(merged, *views)
+        return dy.reshape(x.shape), dmean.reshape(center.shape), dvar.reshape(center.shape)
     cdt = rstd.dtype
-    # One d for the sums of the tangent, one for its output: in the transposed
-    # program (the backward pass) the latter becomes the sum of g * d, and the
-    # former a term of the input's cotangent; unshared, each recomputes d.
+    # One centred x for the sums of the tangent, one for its output: in the
+    # transposed program (the backward pass) the latter becomes the sum of
+    # g * xhat, the former a term of the input's cotangent; unshared, each is
+    # recomputed from x where it is used.
     xs = (x, x) if x.dtype == cdt else _copies(x, 2)
-    d_sum, d = (xv.astype(cdt) - c for xv, c in zip(xs, _copies(center, 2)))
+    centered_sum, centered = (
+        _centered(xv, c, e) for xv, c, e in zip(xs, _copies(center, 2), _copies(residual, 2))
+    )
     dxc = dx.astype(cdt)
     dxm = dxc if mask is None else jnp.where(mask, dxc, 0)
     dm = _spatial_sum(dxm, layout) / count
-    ds = rstd * (_spatial_sum(d_sum * dxm, layout) / count - residual * dm)
+    ds = rstd * (_spatial_sum(centered_sum * dxm, layout) / count)
     a = rstd if weight is None else rstd * weight
     b = -a * ds
     c = -a * dm
@@ -300,8 +340,7 @@ def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx
         b = b + dweight
     if dbias is not None:
         c = c + dbias
-    rb = rstd * b
-    dy = (dxc * a + d * rb + (c - residual * rb)).astype(x.dtype)
+    dy = (dxc * a + centered * (rstd * b) + c).astype(x.dtype)
     return dy, dm, 2 * ds / rstd
 
 
