@@ -8,7 +8,7 @@ or :func:`normalize_with_running_stats`, so each formula lives here once.
 
 Notation, per instance ``(n, c)`` and its ``M`` (valid) spatial elements::
 
-    k      a shift close to the data (the first element, or a rough masked mean)
+    k      a shift close to the mean (the XLA path: the rough mean sum(x) / M)
     md     mean(x - k)                     so the mean is  mu = k + md
     var    mean((x - mu)**2)               biased, used for normalization
     r      1 / sqrt(var + eps)
@@ -19,7 +19,9 @@ Why the shift: in float32, ``x`` with mean 1e4 and unit spread has an ulp of
 about 1e-3, so rounding ``mu`` itself to float32 already costs 5e-4 of output
 accuracy. ``x - k`` is exact (both are floats of the same magnitude), and
 ``md`` is a small number carrying full relative precision, so ``(x - k) - md``
-keeps the output within a few ulps of a float64 reference.
+keeps the output within a few ulps of a float64 reference. And with ``k``
+near the mean, wherever the outliers are, the variance's sums of ``x - k``
+cancel nothing (:func:`instance_stats`, a corrected two-pass algorithm).
 
 Why ``custom_jvp`` (and not ``custom_vjp``): a JVP rule that is linear in the
 tangents gives forward mode (``jvp``, ``jacfwd``, ``hessian``) directly, and
@@ -98,12 +100,13 @@ def _one_spatial_axis(x: jax.Array, layout: Layout) -> Layout | None:
 
     Merging adjacent axes is a free reshape of a contiguous array, and XLA's
     CPU reduction library sums one long row per instance much faster than
-    many short ones (an 8x8 image is 8 rows of 8). Not where a spatial axis is
-    sharded under ``jax.jit``: the merged axis would have to carry its split.
+    many short ones (an 8x8 image is 8 rows of 8). Not under ``jax.jit`` with a
+    mesh whose axes the compiler partitions, nor for an input whose type
+    says a spatial axis is split: the merged axis would have to carry the split.
     """
     axes = layout.reduce_axes
     spec = jax.typeof(x).sharding.spec
-    if len(axes) < 2 or axes != tuple(range(axes[0], axes[-1] + 1)):
+    if len(axes) < 2 or axes != tuple(range(axes[0], axes[-1] + 1)) or not _native._mesh_is_local():
         return None
     if any(a < len(spec) and spec[a] is not None for a in axes):
         return None
@@ -308,11 +311,16 @@ def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx
         dmean = dm
         dvar  = 2 ds / r          since  x - mu = xhat / r
 
-    With ``xhat / r = (x - center) - residual`` recomputed as the forward pass
-    does it (:func:`_centered`, exact), every input-sized term is ``dx`` or
-    ``xhat`` times a per-instance coefficient, and the transposed program (the
-    backward pass) needs exactly two per-instance sums, ``sum(g)`` and
-    ``sum(g * xhat)``, with nothing input-sized to materialize in between.
+    Every input-sized term is ``dx``, ``xhat`` or ``d = x - center`` times a
+    per-instance coefficient, so the transposed program (the backward pass)
+    needs exactly two per-instance sums, ``sum(g)`` and ``sum(g * d)``, with
+    nothing input-sized to materialize in between. ``ds`` sums ``xhat``
+    recomputed as the forward pass does it (:func:`_centered`, exact): its
+    transpose is the input cotangent's ``xhat`` term, which a split into
+    ``d * r - e * r`` (``e`` the residual) would cancel where ``e`` is not
+    small next to the spread (an item with one valid element). The output's
+    ``xhat * B`` is split, ``d * (r B) - e r B``: its transpose is the sum,
+    ``sum(g * d) - e sum(g)``, one subtraction per element fewer.
     """
     merged = _one_spatial_axis(x, layout)
     if merged is not None:
@@ -323,16 +331,14 @@ def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx
     cdt = rstd.dtype
     # One centred x for the sums of the tangent, one for its output: in the
     # transposed program (the backward pass) the latter becomes the sum of
-    # g * xhat, the former a term of the input's cotangent; unshared, each is
+    # g * d, the former a term of the input's cotangent; unshared, each is
     # recomputed from x where it is used.
-    xs = (x, x) if x.dtype == cdt else _copies(x, 2)
-    centered_sum, centered = (
-        _centered(xv, c, e) for xv, c, e in zip(xs, _copies(center, 2), _copies(residual, 2))
-    )
+    x_sum, x_out = (x, x) if x.dtype == cdt else _copies(x, 2)
+    center_sum, center_out = _copies(center, 2)
     dxc = dx.astype(cdt)
     dxm = dxc if mask is None else jnp.where(mask, dxc, 0)
     dm = _spatial_sum(dxm, layout) / count
-    ds = rstd * (_spatial_sum(centered_sum * dxm, layout) / count)
+    ds = rstd * (_spatial_sum(_centered(x_sum, center_sum, residual) * dxm, layout) / count)
     a = rstd if weight is None else rstd * weight
     b = -a * ds
     c = -a * dm
@@ -340,7 +346,8 @@ def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx
         b = b + dweight
     if dbias is not None:
         c = c + dbias
-    dy = (dxc * a + centered * (rstd * b) + c).astype(x.dtype)
+    rb = rstd * b
+    dy = (dxc * a + _centered(x_out, center_out, None) * rb + (c - residual * rb)).astype(x.dtype)
     return dy, dm, 2 * ds / rstd
 
 
