@@ -87,9 +87,25 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _fence(v: jax.Array) -> jax.Array:
+    """``v`` itself, through ``reduce_precision`` to its own dtype's precision.
+
+    An exact identity (linear, so it transposes to itself) that XLA keeps and
+    that XLA's CPU reduction library does not take. That library runs a sum
+    together with the elementwise work feeding it, and also absorbs the
+    per-instance arithmetic after it, which makes its kernel several times
+    slower (and can grow it into the output pass). Fenced right after the sum,
+    the kernel is the sum alone: :func:`_spatial_sum` fences every sum; a
+    per-instance coefficient fenced before it is broadcast against ``x``
+    fences the sum that the transposed program (the backward pass) makes of it.
+    """
+    finfo = jnp.finfo(v.dtype)
+    return lax.reduce_precision(v, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant)
+
+
 def _spatial_sum(v: jax.Array, layout: Layout) -> jax.Array:
-    """Sum over the spatial axes of every instance, across devices if they are split."""
-    s = jnp.sum(v, axis=layout.reduce_axes, keepdims=True)
+    """Sum over the spatial axes of every instance, across devices if they are split (fenced: :func:`_fence`)."""
+    s = _fence(jnp.sum(v, axis=layout.reduce_axes, keepdims=True))
     if layout.spatial_axis_name is not None:
         s = lax.psum(s, layout.spatial_axis_name)
     return s
@@ -220,12 +236,10 @@ def instance_stats(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Inst
         d1, d2 = jnp.where(mask, d1, 0), jnp.where(mask, d2, 0)
     s1 = _spatial_sum(d1, layout)
     s2 = _spatial_sum(d2 * d2, layout)
+    s1 = jnp.where(jnp.isnan(s1), jnp.nan, s1)
+    s2 = jnp.where(jnp.isnan(s2), jnp.nan, s2)
     md = s1 / count
-    var = (s2 - s1 * md) / count
-    # Clamped by a select rather than a maximum: XLA's CPU reduction library
-    # takes maxima but no selects, so this stops it from absorbing everything
-    # downstream of the sum, the output pass included, into one slow kernel.
-    var = jnp.where(var < 0, 0, var)
+    var = jnp.maximum((s2 - s1 * md) / count, 0)
     return InstanceStats(k, md, var, count)
 
 
@@ -347,7 +361,8 @@ def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx
     if dbias is not None:
         c = c + dbias
     rb = rstd * b
-    dy = (dxc * a + _centered(x_out, center_out, None) * rb + (c - residual * rb)).astype(x.dtype)
+    # Fenced before they meet x: the backward pass's sum(g * d) and sum(g) are their transposes.
+    dy = (dxc * a + _centered(x_out, center_out, None) * _fence(rb) + _fence(c - residual * rb)).astype(x.dtype)
     return dy, dm, 2 * ds / rstd
 
 
