@@ -74,12 +74,15 @@ class Layout(NamedTuple):
         native: allow lucid's native CPU kernel where it applies (see
             :mod:`lucid.nn._native`); part of the static layout so that
             turning it off retraces instead of reusing a compiled program.
+        tile: in the compact view of :func:`_compact_view` only: how many
+            consecutive spatial positions share the last axis.
     """
 
     reduce_axes: tuple[int, ...]
     spatial_axis_name: str | tuple[str, ...] | None
     eps: float
     native: bool = False
+    tile: int = 1
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -104,44 +107,85 @@ def _fence(v: jax.Array) -> jax.Array:
 
 
 def _spatial_sum(v: jax.Array, layout: Layout) -> jax.Array:
-    """Sum over the spatial axes of every instance, across devices if they are split (fenced: :func:`_fence`)."""
-    s = _fence(jnp.sum(v, axis=layout.reduce_axes, keepdims=True))
+    """Sum over the spatial axes of every instance, across devices if they are split (fenced: :func:`_fence`).
+
+    In a tiled view (:func:`_compact_view`) the sum over the spatial axis
+    leaves ``tile`` partial sums per instance along the last axis; they are added last.
+    """
+    s = jnp.sum(v, axis=layout.reduce_axes, keepdims=True)
+    if layout.tile > 1:
+        s = jnp.sum(s.reshape(*s.shape[:-1], layout.tile, s.shape[-1] // layout.tile), axis=-2)
+    s = _fence(s)
     if layout.spatial_axis_name is not None:
         s = lax.psum(s, layout.spatial_axis_name)
     return s
 
 
-def _one_spatial_axis(x: jax.Array, layout: Layout) -> Layout | None:
-    """The layout of ``x`` with its spatial axes merged into one, or ``None`` where that does not apply.
+#: The compact view's target width of its last axis, in elements (see :func:`_compact_view`).
+_VIEW_WIDTH = 512
 
-    Merging adjacent axes is a free reshape of a contiguous array, and XLA's
-    CPU reduction library sums one long row per instance much faster than
-    many short ones (an 8x8 image is 8 rows of 8). Not under ``jax.jit`` with a
-    mesh whose axes the compiler partitions, nor for an input whose type
-    says a spatial axis is split: the merged axis would have to carry the split.
+
+def _compact_view(x: jax.Array, layout: Layout) -> Layout | None:
+    """The layout of a compact view of ``x`` for the sums, or ``None`` where ``x`` is one already or none applies.
+
+    XLA's CPU reduction library is fastest on long contiguous rows. The view
+    merges the adjacent spatial axes into one (an 8x8 image is otherwise 8
+    rows of 8); and where channels follow them (channels-last), whose few
+    values per position make short rows, it folds ``tile`` consecutive
+    positions into the last axis, ``(N, M, C) -> (N, M / tile, tile * C)``,
+    a row of about :data:`_VIEW_WIDTH` elements. Both are free reshapes of a
+    contiguous array. Per-instance values meet the view through
+    :func:`_spread`, and :func:`_spatial_sum` adds the partial sums.
+
+    Not under ``jax.jit`` with a mesh whose axes the compiler partitions, nor
+    for an input whose type says a spatial axis is split: the view's axes
+    would have to carry the split.
     """
     axes = layout.reduce_axes
     spec = jax.typeof(x).sharding.spec
-    if len(axes) < 2 or axes != tuple(range(axes[0], axes[-1] + 1)) or not _native._mesh_is_local():
+    if layout.tile > 1 or axes != tuple(range(axes[0], axes[-1] + 1)) or not _native._mesh_is_local():
         return None
     if any(a < len(spec) and spec[a] is not None for a in axes):
         return None
-    return layout._replace(reduce_axes=(axes[0],))
+    size, trail = math.prod(x.shape[a] for a in axes), x.shape[axes[-1] + 1:]
+    tile = 1
+    if len(trail) == 1 and trail[0] > 1:
+        tile = max(t for t in range(1, max(1, _VIEW_WIDTH // trail[0]) + 1) if size % t == 0)
+    if len(axes) == 1 and tile == 1:
+        return None
+    return layout._replace(reduce_axes=(axes[0],), tile=tile)
 
 
-def _merge_spatial(v, shape: tuple[int, ...], layout: Layout):
-    """``v`` (``None``, a scalar, or broadcastable to ``shape``) in the view of :func:`_one_spatial_axis`."""
+def _to_view(v, shape: tuple[int, ...], layout: Layout, view: Layout):
+    """``v`` (``None``, a scalar, or broadcastable to ``shape``) in the view ``view`` of :func:`_compact_view`.
+
+    Arrays with spatial extent take the view's shape; per-instance and
+    per-channel arrays keep their last axis untiled (see :func:`_spread`).
+    """
     if v is None or jnp.ndim(v) == 0:
         return v
     axes = layout.reduce_axes
+    lead, trail = axes[0], axes[-1] + 1
     v = jnp.reshape(v, (1,) * (len(shape) - v.ndim) + v.shape)
-    if any(v.shape[a] != 1 for a in axes):  # per element: every spatial axis in full
-        v = jnp.broadcast_to(v, tuple(shape[a] if a in axes else n for a, n in enumerate(v.shape)))
-    return v.reshape((*v.shape[: axes[0]], math.prod(v.shape[a] for a in axes), *v.shape[axes[-1] + 1:]))
+    if all(v.shape[a] == 1 for a in axes):
+        return v.reshape((*v.shape[:lead], 1, *v.shape[trail:]))
+    full = tuple(shape[a] if a in axes or (view.tile > 1 and a >= trail) else n for a, n in enumerate(v.shape))
+    v = jnp.broadcast_to(v, full)
+    size = math.prod(v.shape[a] for a in axes)
+    if view.tile > 1:
+        return v.reshape((*v.shape[:lead], size // view.tile, view.tile * math.prod(v.shape[trail:])))
+    return v.reshape((*v.shape[:lead], size, *v.shape[trail:]))
+
+
+def _spread(v, layout: Layout):
+    """A per-instance (or per-channel) array lined up with the elements of a tiled view: its last axis repeated."""
+    if v is None or layout.tile == 1 or jnp.ndim(v) == 0 or v.shape[-1] == 1:
+        return v
+    return jnp.tile(v, (1,) * (v.ndim - 1) + (layout.tile,))
 
 
 def _local_spatial_size(shape: tuple[int, ...], layout: Layout) -> int:
-    return math.prod(shape[a] for a in layout.reduce_axes)
+    return math.prod(shape[a] for a in layout.reduce_axes) * layout.tile
 
 
 def _shift(xc: jax.Array, mask: jax.Array | None, count: jax.Array, layout: Layout) -> jax.Array:
@@ -220,9 +264,9 @@ def instance_stats(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Inst
     reduce is compiled to much slower scalar loops); on GPU, XLA fuses the
     sibling sums of the second pass into one read of ``x``.
     """
-    merged = _one_spatial_axis(x, layout)
-    if merged is not None:
-        stats = instance_stats(*(_merge_spatial(v, x.shape, layout) for v in (x, mask)), merged)
+    view = _compact_view(x, layout)
+    if view is not None:
+        stats = instance_stats(*(_to_view(v, x.shape, layout, view) for v in (x, mask)), view)
         kept = tuple(1 if a in layout.reduce_axes else n for a, n in enumerate(x.shape))
         return InstanceStats(*(v.reshape(kept) if v.ndim else v for v in stats))
     cdt = compute_dtype(x.dtype)
@@ -231,7 +275,7 @@ def instance_stats(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Inst
     x0, x1, x2 = (x,) * 3 if x.dtype == cdt else (v.astype(cdt) for v in _copies(x, 3))
     count = _valid_count(x, mask, layout, cdt)
     k = _shift(x0, mask, count, layout)
-    d1, d2 = (xv - c for xv, c in zip((x1, x2), _copies(k, 2)))
+    d1, d2 = (xv - _spread(c, layout) for xv, c in zip((x1, x2), _copies(k, 2)))
     if mask is not None:
         d1, d2 = jnp.where(mask, d1, 0), jnp.where(mask, d2, 0)
     s1 = _spatial_sum(d1, layout)
@@ -336,11 +380,11 @@ def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx
     ``xhat * B`` is split, ``d * (r B) - e r B``: its transpose is the sum,
     ``sum(g * d) - e sum(g)``, one subtraction per element fewer.
     """
-    merged = _one_spatial_axis(x, layout)
-    if merged is not None:
-        views = (_merge_spatial(v, x.shape, layout)
+    view = _compact_view(x, layout)
+    if view is not None:
+        views = (_to_view(v, x.shape, layout, view)
                  for v in (x, center, residual, rstd, count, weight, mask, dx, dweight, dbias))
-        dy, dmean, dvar = _instance_tangent(merged, *views)
+        dy, dmean, dvar = _instance_tangent(view, *views)
         return dy.reshape(x.shape), dmean.reshape(center.shape), dvar.reshape(center.shape)
     cdt = rstd.dtype
     # One centred x for the sums of the tangent, one for its output: in the
@@ -352,7 +396,8 @@ def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx
     dxc = dx.astype(cdt)
     dxm = dxc if mask is None else jnp.where(mask, dxc, 0)
     dm = _spatial_sum(dxm, layout) / count
-    ds = rstd * (_spatial_sum(_centered(x_sum, center_sum, residual) * dxm, layout) / count)
+    centered_sum = _centered(x_sum, _spread(center_sum, layout), _spread(residual, layout))
+    ds = rstd * (_spatial_sum(centered_sum * dxm, layout) / count)
     a = rstd if weight is None else rstd * weight
     b = -a * ds
     c = -a * dm
@@ -362,7 +407,8 @@ def _instance_tangent(layout, x, center, residual, rstd, count, weight, mask, dx
         c = c + dbias
     rb = rstd * b
     # Fenced before they meet x: the backward pass's sum(g * d) and sum(g) are their transposes.
-    dy = (dxc * a + _centered(x_out, center_out, None) * _fence(rb) + _fence(c - residual * rb)).astype(x.dtype)
+    dy = dxc * _spread(a, layout) + _centered(x_out, _spread(center_out, layout), None) * _spread(_fence(rb), layout)
+    dy = (dy + _spread(_fence(c - residual * rb), layout)).astype(x.dtype)
     return dy, dm, 2 * ds / rstd
 
 
