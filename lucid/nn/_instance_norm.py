@@ -259,10 +259,11 @@ def instance_stats(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Inst
     precision (a one-sweep ``E[x**2] - E[x]**2`` around a value far from the
     mean, e.g. a hot first pixel, would not).
 
-    Each pass is one single-output sum over the spatial axes, the form XLA's
-    CPU backend hands to its vectorized reduction library (a multi-output
-    reduce is compiled to much slower scalar loops); on GPU, XLA fuses the
-    sibling sums of the second pass into one read of ``x``.
+    Each pass is one single-output sum over the spatial axes (of a compact
+    view, :func:`_compact_view`), the form XLA's CPU backend hands to its
+    vectorized reduction library (a multi-output reduce is compiled to much
+    slower scalar loops); on GPU, XLA fuses the sibling sums of the second
+    pass into one read of ``x``.
     """
     view = _compact_view(x, layout)
     if view is not None:
@@ -280,8 +281,6 @@ def instance_stats(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Inst
         d1, d2 = jnp.where(mask, d1, 0), jnp.where(mask, d2, 0)
     s1 = _spatial_sum(d1, layout)
     s2 = _spatial_sum(d2 * d2, layout)
-    s1 = jnp.where(jnp.isnan(s1), jnp.nan, s1)
-    s2 = jnp.where(jnp.isnan(s2), jnp.nan, s2)
     md = s1 / count
     var = jnp.maximum((s2 - s1 * md) / count, 0)
     return InstanceStats(k, md, var, count)
