@@ -5,6 +5,7 @@ Run from the repository root::
     python benchmarks/hlo.py                                   # 8x64x128x128 float32
     python benchmarks/hlo.py --shape 16,80,4000 --dtype bfloat16
     python benchmarks/hlo.py --channels-last --full            # also print the whole HLO
+    python benchmarks/hlo.py --pure-xla                        # the XLA path (GPU/TPU, export), on CPU
 
 For each program it lists the top-level instructions of the compiled module in
 schedule order (each fusion is one kernel, one pass over its operands) with
@@ -18,6 +19,7 @@ that is not a program output is a temporary: it costs a write and a read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 from collections import Counter
@@ -27,6 +29,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from cases import Case, lucid_arrays, lucid_forward, lucid_forward_backward, make_inputs
+
+import lucid.nn.functional as F
 
 _DTYPE_BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
@@ -216,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--channels-last", action="store_true", help="NHWC input with channel_axis=-1")
     parser.add_argument("--full", action="store_true", help="also print the whole optimized HLO of each program")
+    parser.add_argument("--pure-xla", action="store_true",
+                        help="trace inside lucid.nn.functional.pure_xla(): XLA operations only, no native kernel")
     args = parser.parse_args(argv)
 
     case = Case(tuple(int(s) for s in args.shape.split(",")), args.dtype, args.channels_last)
@@ -224,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         "forward": (lucid_forward(case), (x, w, b)),
         "forward+backward": (lucid_forward_backward(case), (x, w, b, g)),
     }
-    size = f"{case.nbytes / 2**20:.1f} MiB"
-    print(f"lucid on {case.label} (array {case.array_shape}, {size} input), jax {jax.__version__}")
+    path = "the XLA path" if args.pure_xla else "the default path"
+    print(f"lucid ({path}) on {case.label} (array {case.array_shape}, {case.nbytes / 2**20:.1f} MiB input), "
+          f"jax {jax.__version__}")
     for title, (fn, fn_args) in programs.items():
-        compiled = jax.jit(fn).lower(*fn_args).compile()
+        with F.pure_xla() if args.pure_xla else contextlib.nullcontext():
+            compiled = jax.jit(fn).lower(*fn_args).compile()
         print()
         print(report(title, compiled, case.nbytes))
         if args.full:

@@ -16,7 +16,9 @@ minimum over the rounds, the least disturbed by other work on the machine.
 - lucid: the jitted ``F.instance_norm(x, weight=w, bias=b)`` (channels-last:
   ``instance_norm_apply(..., channel_axis=-1)`` on NHWC input); forward+backward
   is the jitted output plus the pullback of a fixed random cotangent ``g`` to
-  ``x``, ``weight`` and ``bias``.
+  ``x``, ``weight`` and ``bias``. On CPU this runs lucid's native kernels.
+- lucid XLA: the same programs traced inside ``F.pure_xla()``: XLA operations
+  only, what GPU/TPU users and ``jax.export`` get (same layout as lucid).
 - PyTorch: ``torch.nn.functional.instance_norm`` on all cores, the forward under
   ``no_grad``; forward+backward is the forward then ``y.backward(g)`` (gradients
   reset every call). Channels-last input is a ``torch.channels_last`` tensor.
@@ -45,6 +47,7 @@ the results section of ``README.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import math
@@ -74,6 +77,8 @@ from cases import (
     lucid_forward_backward,
     make_inputs,
 )
+
+import lucid.nn.functional as F
 
 #: glibc malloc settings (mallopt(3)) under which freed memory stays in the
 #: process and is reused: no mmap'd chunks, no trimming, and one arena, so
@@ -114,7 +119,9 @@ README = ROOT / "README.md"
 README_START = "<!-- benchmark-results:start -->"
 README_END = "<!-- benchmark-results:end -->"
 
-CONTENDERS = ("lucid", "PyTorch", "Flax")
+CONTENDERS = ("lucid", "lucid XLA", "PyTorch", "Flax")
+#: The JAX contenders, whose compiled forward+backward temporaries are reported.
+JAX_CONTENDERS = ("lucid", "lucid XLA", "Flax")
 MODES = ("forward", "forward+backward")
 EPS = 1e-5
 
@@ -173,10 +180,12 @@ def copy_contender(case: Case, inputs: Inputs) -> Bench:
     return _jax_bench(compiled, x, c)
 
 
-def lucid_contender(case: Case, inputs: Inputs) -> Contender:
+def lucid_contender(case: Case, inputs: Inputs, pure_xla: bool = False) -> Contender:
+    """lucid's jitted programs; with ``pure_xla``, traced inside ``F.pure_xla()``."""
     x, w, b, g = lucid_arrays(case, inputs)
-    compiled_forward = jax.jit(lucid_forward(case)).lower(x, w, b).compile()
-    compiled_forward_backward = jax.jit(lucid_forward_backward(case)).lower(x, w, b, g).compile()
+    with F.pure_xla() if pure_xla else contextlib.nullcontext():
+        compiled_forward = jax.jit(lucid_forward(case)).lower(x, w, b).compile()
+        compiled_forward_backward = jax.jit(lucid_forward_backward(case)).lower(x, w, b, g).compile()
     return Contender(
         _jax_bench(compiled_forward, x, w, b),
         _jax_bench(compiled_forward_backward, x, w, b, g),
@@ -288,6 +297,7 @@ def run_case(case: Case, repeats: int, batch_seconds: float) -> CaseResult:
     inputs = make_inputs(case)
     contenders = {
         "lucid": lucid_contender(case, inputs),
+        "lucid XLA": lucid_contender(case, inputs, pure_xla=True),
         "PyTorch": torch_contender(case, inputs),
         "Flax": flax_contender(case, inputs),
     }
@@ -338,8 +348,10 @@ def accuracy(shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
         return float(np.abs(y - y_ref).max()), float(np.abs(dx - dx_ref).max())
 
     out = {}
-    y, (dx, _, _) = jax.jit(lucid_forward_backward(case))(*lucid_arrays(case, inputs))
-    out["lucid"] = error(y, dx)
+    for who, context in (("lucid", contextlib.nullcontext), ("lucid XLA", F.pure_xla)):
+        with context():
+            y, (dx, _, _) = jax.jit(lucid_forward_backward(case))(*lucid_arrays(case, inputs))
+        out[who] = error(y, dx)
 
     xt = torch.from_numpy(x).requires_grad_()
     yt = TF.instance_norm(xt, weight=torch.from_numpy(w), bias=torch.from_numpy(b), eps=EPS)
@@ -388,21 +400,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+#: The ratio columns, ``(who, over)``: ``who``'s time over ``over``'s.
+RATIOS = (("PyTorch", "lucid"), ("Flax", "lucid"), ("Flax", "lucid XLA"))
+
+
 def timing_table(results: list[CaseResult], mode: str) -> str:
     header = ["case", "copy ms"]
     for who in CONTENDERS:
         header += [f"{who} ms", f"{who} ×copy"]
-    header += ["PyTorch ÷ lucid", "Flax ÷ lucid"]
+    header += ["PyTorch ÷ lucid", "Flax ÷ lucid", "Flax ÷ lucid XLA"]
     if mode == "forward+backward":
-        header += ["lucid temp ×input", "Flax temp ×input"]
+        header += [f"{who} temp ×input" for who in JAX_CONTENDERS]
     rows = []
     for r in results:
         row = [r.case.label, _num(r.ms("copy", mode))]
         for who in CONTENDERS:
             row += [_num(r.ms(who, mode)), _num(r.x_copy(who, mode))]
-        row += [_num(r.ms(who, mode) / r.ms("lucid", mode)) for who in ("PyTorch", "Flax")]
+        row += [_num(r.ms(who, mode) / r.ms(lucid, mode)) for who, lucid in RATIOS]
         if mode == "forward+backward":
-            row += [_num(r.temp_x_input[who]) for who in ("lucid", "Flax")]
+            row += [_num(r.temp_x_input[who]) for who in JAX_CONTENDERS]
         rows.append(row)
     return _table(header, rows)
 
@@ -444,9 +460,13 @@ def target_lines(results: list[CaseResult], errors: dict[str, tuple[float, float
         if r.temp_x_input["lucid"] is not None and r.temp_x_input["lucid"] > TARGET_TEMP_X_INPUT
     ]
     lines.append(f"lucid forward+backward temporaries ≤ {TARGET_TEMP_X_INPUT:g}× input: {verdict(heavy)}")
-    y_err, dx_err = errors["lucid"]
-    inaccurate = [f"{what} ({e:.1e})" for what, e in (("y", y_err), ("dx", dx_err)) if e > TARGET_ERROR]
-    lines.append(f"lucid error ≤ {TARGET_ERROR:g} at mean 1e4: {verdict(inaccurate)}")
+    slower_xla = [r.case.label for r in results
+                  if r.ms("lucid XLA", "forward+backward") >= r.ms("Flax", "forward+backward")]
+    lines.append(f"lucid XLA forward+backward faster than Flax: {verdict(slower_xla)}")
+    for who in ("lucid", "lucid XLA"):
+        y_err, dx_err = errors[who]
+        inaccurate = [f"{what} ({e:.1e})" for what, e in (("y", y_err), ("dx", dx_err)) if e > TARGET_ERROR]
+        lines.append(f"{who} error ≤ {TARGET_ERROR:g} at mean 1e4: {verdict(inaccurate)}")
     return lines
 
 
@@ -468,9 +488,11 @@ def markdown(results: list[CaseResult], errors: dict[str, tuple[float, float]], 
         "",
         f"Milliseconds per call, the minimum of {repeats} interleaved rounds; ×copy is the time over a jitted "
         "`x * c` of the same array (one read, one write); ÷ lucid above 1 means lucid is faster. "
+        "lucid runs its native CPU kernels; lucid XLA is lucid traced inside `pure_xla()` (XLA operations only, "
+        "what GPU/TPU and `jax.export` run), in the same layout. "
         "bf16: bfloat16 input, float32 weight and bias. NHWC: channels-last input "
         "(lucid `channel_axis=-1`; PyTorch a `torch.channels_last` tensor, its output comes back channels-first; "
-        "Flax is channels-last in every case). "
+        "Flax is channels-last in every case, so on NHWC cases lucid XLA and Flax run on the same data). "
         f"Large inputs (≥ 16 MiB): {large}. {ALLOCATOR_NOTES[allocator_mode()]}",
         "",
         f"{h} Forward",
@@ -508,7 +530,7 @@ def bar_chart(results: list[CaseResult], path: Path) -> None:
     labels = [r.case.label for r in results]
     positions = np.arange(len(results))
     width = 0.8 / len(CONTENDERS)
-    colors = {"lucid": "#1b9e77", "PyTorch": "#d95f02", "Flax": "#7570b3"}
+    colors = {"lucid": "#1b9e77", "lucid XLA": "#66a61e", "PyTorch": "#d95f02", "Flax": "#7570b3"}
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.5 * len(results)), 8), sharex=True)
     for ax, mode in zip(axes, MODES):
         for i, who in enumerate(CONTENDERS):
@@ -522,7 +544,7 @@ def bar_chart(results: list[CaseResult], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_ylabel("time ÷ copy")
         ax.set_title(mode)
-        ax.legend(fontsize=8, ncols=5, loc="upper left")
+        ax.legend(fontsize=8, ncols=6, loc="upper left")
         ax.margins(y=0.2)
     axes[-1].set_xticks(positions, labels, rotation=20, ha="right", fontsize=8)
     fig.suptitle(f"Instance norm, time in multiples of a copy (lower is better)\n{machine_line()}", fontsize=9)
@@ -576,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.png'}", file=sys.stderr)
     if not args.quick and not args.no_readme and args.out.resolve() == DEFAULT_OUT:
         section = markdown(results, errors, accuracy_shape, repeats, level=3)
-        section += "\n![lucid, PyTorch and Flax in multiples of a copy](benchmarks/results/latest.png)\n"
+        section += "\n![lucid, lucid XLA, PyTorch and Flax in multiples of a copy](benchmarks/results/latest.png)\n"
         if update_readme(section):
             print(f"updated the results section of {README}", file=sys.stderr)
         else:

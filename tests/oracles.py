@@ -25,22 +25,25 @@ def reference(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     """``(y, mean, biased_var, count)``, statistics keeping the spatial axes as size 1
     (``mean``/``var`` are the running ones, and ``count`` ``None``, when those are used).
 
-    A mask selects the valid elements of each instance; an instance without
-    any normalizes to its bias (count clamped to 1, variance 0).
+    A mask selects the valid elements of each instance. ``1 / sqrt(var + eps)``
+    is taken as 0 where ``var + eps == 0`` (PyTorch's rule) and for an instance
+    with no valid element: those normalize to their bias.
     """
     axis, cshape = channel_shape(x.ndim, channel_axis)
     spatial = tuple(a for a in range(x.ndim) if a not in (0, axis))
     xc = xp.asarray(x, np.float64) if xp is np else x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if training or running_mean is None:
         m = xp.ones_like(xc) if mask is None else xp.broadcast_to(xp.asarray(mask), x.shape).astype(xc.dtype)
-        count = xp.maximum(xp.sum(m, axis=spatial, keepdims=True), 1)
-        mean = xp.sum(xc * m, axis=spatial, keepdims=True) / count
-        var = xp.sum(m * (xc - mean) ** 2, axis=spatial, keepdims=True) / count
+        count = xp.sum(m, axis=spatial, keepdims=True)
+        mean = xp.sum(xc * m, axis=spatial, keepdims=True) / xp.maximum(count, 1)
+        var = xp.sum(m * (xc - mean) ** 2, axis=spatial, keepdims=True) / xp.maximum(count, 1)
+        none = (var + eps == 0) | (count == 0)
     else:
         mean = xp.asarray(running_mean).reshape(cshape).astype(xc.dtype)
         var = xp.asarray(running_var).reshape(cshape).astype(xc.dtype)
         count = None
-    y = (xc - mean) / xp.sqrt(var + eps)
+        none = var + eps == 0
+    y = (xc - mean) * xp.where(none, 0, 1 / xp.sqrt(xp.where(none, 1, var + eps)))
     if weight is not None:
         y = y * xp.asarray(weight).reshape(cshape).astype(xc.dtype)
     if bias is not None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTENDERS = ("lucid", "PyTorch", "Flax")
+CONTENDERS = ("lucid", "lucid XLA", "PyTorch", "Flax")
+JAX_CONTENDERS = ("lucid", "lucid XLA", "Flax")
 
 
 def _tables(markdown: str) -> dict[str, list[dict[str, str]]]:
@@ -50,10 +51,10 @@ def test_quick_run_writes_the_report_and_the_chart(quick_run):
 def test_timing_tables_have_every_column_with_finite_positive_numbers(quick_run, mode):
     tables = _tables((quick_run / "latest.md").read_text())
     rows = next(rows for heading, rows in tables.items() if heading.split(" (")[0] == mode)
-    expected = {"case", "copy ms", "PyTorch ÷ lucid", "Flax ÷ lucid"}
+    expected = {"case", "copy ms", "PyTorch ÷ lucid", "Flax ÷ lucid", "Flax ÷ lucid XLA"}
     expected |= {f"{who} {unit}" for who in CONTENDERS for unit in ("ms", "×copy")}
     if mode == "Forward + backward":
-        expected |= {"lucid temp ×input", "Flax temp ×input"}
+        expected |= {f"{who} temp ×input" for who in JAX_CONTENDERS}
     assert set(rows[0]) == expected
     labels = [row["case"] for row in rows]
     assert len(labels) == 3 and any("bf16" in s for s in labels) and any("NHWC" in s for s in labels)
@@ -70,9 +71,19 @@ def test_accuracy_table_reports_every_contender(quick_run):
     rows = _tables((quick_run / "latest.md").read_text())["Accuracy far from zero"]
     assert [row["max abs error"] for row in rows] == ["output y", "input gradient dx"]
     for row in rows:
-        others = [float(row[who]) for who in CONTENDERS[1:]]  # may be huge (Flax's fast variance), never blank
+        others = [float(row[who]) for who in ("PyTorch", "Flax")]  # may be huge (Flax's fast variance), never blank
         assert all(not v < 0 for v in others)
-        assert 0 <= float(row["lucid"]) <= 1e-4  # lucid's own accuracy target at mean 1e4
+        for who in ("lucid", "lucid XLA"):  # lucid's own accuracy target at mean 1e4, on both of its paths
+            assert 0 <= float(row[who]) <= 1e-4, who
+
+
+def test_targets_include_the_xla_path_against_flax(quick_run):
+    text = (quick_run / "latest.md").read_text()
+    targets = text.split("Targets", 1)[1].splitlines()
+    line = next(s for s in targets if s.startswith("- lucid XLA forward+backward faster than Flax: "))
+    verdict = line.split(": ", 1)[1]
+    assert verdict == "met" or verdict.startswith("missed: ")
+    assert any(s.startswith("- lucid XLA error ≤ 0.0001 at mean 1e4: met") for s in targets)
 
 
 def test_the_run_reexecutes_itself_under_the_steady_allocator(quick_run):

@@ -31,7 +31,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from . import _primitives, _stats
 from ._stats import NormConfig
@@ -51,15 +50,21 @@ def normalize_with_instance_stats(x, weight, bias, mask, config: NormConfig):
     Returns:
         ``(y, mean, var, count)``: ``y`` in ``x.dtype``; the per-instance mean and
         biased variance in the compute dtype, of shape ``x.shape`` with the
-        spatial axes set to 1; and the valid count of each instance.
+        spatial axes set to 1; and the valid count of each instance (0 for
+        an all-padding one).
     """
-    y, mean, _, var, count = _normalize_and_stats(x, weight, bias, mask, config)
-    return y, mean, var, count
+    y, center, residual, var, count = _normalize_and_stats(x, weight, bias, mask, config)
+    return y, center + residual, var, count
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _normalize_and_stats(x, weight, bias, mask, config: NormConfig):
-    """``(y, mean, residual, var, count)`` (see :func:`lucid.nn._stats.normalized_with_stats`)."""
+    """``(y, center, residual, var, count)`` (see :func:`lucid.nn._stats.normalized_with_stats`).
+
+    The mean is ``center + residual``: the XLA path gives its rough mean and
+    correction; where it applies, the native kernel gives the mean rounded
+    to float and its rounding error, in one read of ``x``.
+    """
     if not config.kernel:
         return _stats.normalized_with_stats(x, weight, bias, mask, config)
     y, mean, residual, var = _primitives.kernel_forward(x, weight, bias, config)
@@ -73,25 +78,25 @@ def _normalize_and_stats_jvp(config, primals, tangents):
     # The primal through the function itself, not its body: at higher orders
     # JAX differentiates this rule, and must meet this rule again rather than
     # the statistics' implementation (the native kernel has no derivative).
-    primal_out = y, mean, residual, var, count = _normalize_and_stats(x, weight, bias, mask, config)
-    rstd = lax.rsqrt(var + config.eps)
-    # The tangent map centres on the rounded mean, a computed (N, C) array rather
-    # than a slice of x, so XLA fuses the recomputation of x - mean into the
-    # backward reductions instead of materializing it. x - mean is still exact
-    # (both are floats of one magnitude); the rounding of the mean is carried
-    # by the small residual, keeping xhat = ((x - mean) - residual) * r exact.
+    primal_out = y, center, residual, var, count = _normalize_and_stats(x, weight, bias, mask, config)
+    rstd = _stats.inverse_std(var, config.eps, count)
+    # The tangent map centres on `center`, a computed (N, C) array rather than
+    # a slice of x, so XLA fuses the recomputation of x - center into the
+    # backward reductions instead of materializing it. x - center is exact
+    # (floats of one magnitude); the small residual keeps
+    # xhat = ((x - center) - residual) * r exact.
     dweight = None if weight is None else dweight
     dbias = None if bias is None else dbias
     if config.kernel:
         # The same map as one primitive, whose transpose runs the native backward kernel on CPU.
-        dy, dmean, dvar = _primitives.kernel_tangent(config, x, mean, residual, rstd, weight, dx, dweight, dbias)
+        dy, dmean, dvar = _primitives.kernel_tangent(config, x, center, residual, rstd, weight, dx, dweight, dbias)
     else:
         # The tangent map recomputes xhat instead of saving it (see the module docstring);
-        # prevent_cse keeps XLA from sharing x - mean with the forward pass.
+        # prevent_cse keeps XLA from sharing x - center with the forward pass.
         tangent = jax.checkpoint(partial(_stats.instance_tangent, config), prevent_cse=True)
-        dy, dmean, dvar = tangent(x, mean, residual, rstd, count, weight, mask, dx, dweight, dbias)
-    # The residual is a rounding error: its derivative is zero, and the
-    # rounded mean moves with the mean.
+        dy, dmean, dvar = tangent(x, center, residual, rstd, count, weight, mask, dx, dweight, dbias)
+    # Only the mean, center + residual, is a quantity with a derivative: the
+    # whole of it goes to `center`, the residual's is zero.
     return primal_out, (dy, dmean, jnp.zeros_like(residual), dvar, jnp.zeros_like(count))
 
 
@@ -103,7 +108,7 @@ def normalize_with_running_stats(x, running_mean, running_var, weight, bias, con
     ``x`` (channel-shaped); ``weight``/``bias`` may be ``None``.
     """
     cdt = _stats.compute_dtype(x.dtype)
-    rstd = lax.rsqrt(running_var.astype(cdt) + config.eps)
+    rstd = _stats.inverse_std(running_var.astype(cdt), config.eps)
     return _stats.normalize(x, running_mean.astype(cdt), None, rstd, weight, bias)
 
 
@@ -113,7 +118,7 @@ def _normalize_with_running_stats_jvp(config, primals, tangents):
     dx, drm, drv, dweight, dbias = tangents
     cdt = _stats.compute_dtype(x.dtype)
     rm = running_mean.astype(cdt)
-    rstd = lax.rsqrt(running_var.astype(cdt) + config.eps)
+    rstd = _stats.inverse_std(running_var.astype(cdt), config.eps)
     y = _stats.normalize(x, rm, None, rstd, weight, bias)
     tangent = jax.checkpoint(_stats.running_tangent, prevent_cse=False)
     dy = tangent(

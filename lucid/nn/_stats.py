@@ -8,10 +8,10 @@ of the native kernels, so each formula lives here once.
 
 Notation, per instance ``(n, c)`` and its ``M`` (valid) spatial elements::
 
-    k      a shift close to the data (the first element, or a rough masked mean)
+    k      a shift close to the mean (the rough mean sum(x) / M)
     md     mean(x - k)                     so the mean is  mu = k + md
     var    mean((x - mu)**2)               biased, used for normalization
-    r      1 / sqrt(var + eps)
+    r      1 / sqrt(var + eps), and 0 where var + eps == 0 or M == 0
     xhat   ((x - k) - md) * r
     y      xhat * w + b
 
@@ -19,7 +19,17 @@ Why the shift: in float32, ``x`` with mean 1e4 and unit spread has an ulp of
 about 1e-3, so rounding ``mu`` itself to float32 already costs 5e-4 of output
 accuracy. ``x - k`` is exact (both are floats of the same magnitude), and
 ``md`` is a small number carrying full relative precision, so ``(x - k) - md``
-keeps the output within a few ulps of a float64 reference.
+keeps the output within a few ulps of a float64 reference. And with ``k``
+near the mean, wherever the outliers are, the variance's sums of ``x - k``
+cancel nothing (:func:`instance_stats`, a corrected two-pass algorithm).
+
+Speed on CPU (the XLA path runs where the native kernel does not: masks,
+float16, ``pure_xla()``): XLA's CPU backend hands a single-output sum,
+together with the elementwise work feeding it, to a vectorized reduction
+library, and is several times slower on anything else. Hence one sum per
+quantity (:func:`spatial_sum`), each fenced (:func:`_fence`), each with its
+own copy of the small per-instance arrays it subtracts (:func:`_copies`), on
+a compact view of ``x`` with long rows (:func:`_compact_view`).
 """
 
 from __future__ import annotations
@@ -43,12 +53,15 @@ class NormConfig(NamedTuple):
         kernel: compute this call with lucid's native CPU kernel (decided by
             :func:`lucid.nn._native.applies`; on other platforms the
             kernel's primitives lower to these formulas).
+        tile: in the compact view of :func:`_compact_view` only: how many
+            consecutive positions its last axis folds together.
     """
 
     reduce_axes: tuple[int, ...]
     spatial_axis_name: str | tuple[str, ...] | None
     eps: float
     kernel: bool = False
+    tile: int = 1
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -56,68 +69,147 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _fence(v: jax.Array) -> jax.Array:
+    """``v`` itself, through ``reduce_precision`` to its own dtype's precision.
+
+    An exact identity (linear, so it transposes to itself) that XLA keeps and
+    that XLA's CPU reduction library does not take. That library runs a sum
+    together with the elementwise work feeding it, and also absorbs the
+    per-instance arithmetic after it, which makes its kernel several times
+    slower (and can grow it into the output pass). Fenced right after the sum,
+    the kernel is the sum alone: :func:`spatial_sum` fences every sum; a
+    per-instance coefficient fenced before it is broadcast against ``x``
+    fences the sum that the transposed program (the backward pass) makes of it.
+    """
+    finfo = jnp.finfo(v.dtype)
+    return lax.reduce_precision(v, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant)
+
+
 def spatial_sum(v: jax.Array, config: NormConfig) -> jax.Array:
-    """Sum over the spatial axes of every instance, across devices if they are split."""
+    """Sum over the spatial axes of every instance, across devices if they are split (fenced: :func:`_fence`).
+
+    In a tiled view (:func:`_compact_view`) the sum over the spatial axis
+    leaves ``tile`` partial sums per instance along the last axis; they are added last.
+    """
     s = jnp.sum(v, axis=config.reduce_axes, keepdims=True)
+    if config.tile > 1:
+        s = jnp.sum(s.reshape(*s.shape[:-1], config.tile, s.shape[-1] // config.tile), axis=-2)
+    s = _fence(s)
     if config.spatial_axis_name is not None:
         s = lax.psum(s, config.spatial_axis_name)
     return s
 
 
-def _spatial_sums(values: tuple[jax.Array, ...], config: NormConfig) -> tuple[jax.Array, ...]:
-    """Several spatial sums from one sweep over memory.
+#: The compact view's target width of its last axis, in elements (see :func:`_compact_view`).
+_VIEW_WIDTH = 512
 
-    One variadic reduce, so XLA reads the operands' producer (``x``) once
-    instead of once per sum. Only the primal uses it: a variadic reduce has no
-    transpose rule, so the linear tangent maps use :func:`spatial_sum`.
+
+def _mesh_is_local() -> bool:
+    """True unless a mesh with axes that the compiler partitions is in context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+
+
+def _compact_view(x: jax.Array, config: NormConfig) -> NormConfig | None:
+    """The config of a compact view of ``x`` for the sums, or ``None`` where ``x`` is one already or none applies.
+
+    XLA's CPU reduction library is fastest on long contiguous rows. The view
+    merges the adjacent spatial axes into one (an 8x8 image is otherwise 8
+    rows of 8); and where channels follow them (channels-last), whose few
+    values per position make short rows, it folds ``tile`` consecutive
+    positions into the last axis, ``(N, M, C) -> (N, M / tile, tile * C)``,
+    a row of about :data:`_VIEW_WIDTH` elements. Both are free reshapes of a
+    contiguous array. Per-instance values meet the view through
+    :func:`_spread`, and :func:`spatial_sum` adds the partial sums.
+
+    Not under ``jax.jit`` with a mesh whose axes the compiler partitions, nor
+    for an input whose type says a spatial axis is split: the view's axes
+    would have to carry the split.
     """
-    zeros = tuple(jnp.zeros((), v.dtype) for v in values)
-    sums = lax.reduce(values, zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), config.reduce_axes)
-    sums = tuple(jnp.expand_dims(s, config.reduce_axes) for s in sums)
-    if config.spatial_axis_name is not None:
-        sums = lax.psum(sums, config.spatial_axis_name)
-    return sums
+    axes = config.reduce_axes
+    spec = jax.typeof(x).sharding.spec
+    if config.tile > 1 or axes != tuple(range(axes[0], axes[-1] + 1)) or not _mesh_is_local():
+        return None
+    if any(a < len(spec) and spec[a] is not None for a in axes):
+        return None
+    size, trail = math.prod(x.shape[a] for a in axes), x.shape[axes[-1] + 1:]
+    tile = 1
+    if len(trail) == 1 and trail[0] > 1:
+        tile = max(t for t in range(1, max(1, _VIEW_WIDTH // trail[0]) + 1) if size % t == 0)
+    if len(axes) == 1 and tile == 1:
+        return None
+    return config._replace(reduce_axes=(axes[0],), tile=tile)
 
 
-def _shift(xc: jax.Array, mask: jax.Array | None, count: jax.Array, config: NormConfig) -> jax.Array:
-    """A per-instance value close to the data; its exact value does not matter.
+def _to_view(v, shape: tuple[int, ...], config: NormConfig, view: NormConfig):
+    """``v`` (``None``, a scalar, or broadcastable to ``shape``) in the view ``view`` of :func:`_compact_view`.
 
-    Unmasked: the first spatial element (no extra pass over memory). Masked: a
-    rough masked mean, because the first element may be padding.
-
-    A spatial axis sharded over an ``Explicit`` mesh axis under ``jax.jit``
-    cannot be sliced to one element (JAX rejects slicing a sharded dim to a
-    size the mesh does not divide); along such axes the shift is the mean of
-    that first line instead, a small all-reduce that every device shares.
+    Arrays with spatial extent take the view's shape; per-instance and
+    per-channel arrays keep their last axis untiled (see :func:`_spread`).
     """
-    if mask is not None:
-        return spatial_sum(jnp.where(mask, xc, 0), config) / count
-    spec = jax.typeof(xc).sharding.spec
-    sharded = tuple(a for a in config.reduce_axes if a < len(spec) and spec[a] is not None)
-    first = xc[tuple(slice(0, 1) if a in config.reduce_axes and a not in sharded else slice(None)
-                     for a in range(xc.ndim))]
-    if sharded:
-        first = jnp.mean(first, axis=sharded, keepdims=True)
-    if config.spatial_axis_name is not None:
-        # Every shard must shift by the same value for the sums to combine.
-        first = lax.pmean(first, config.spatial_axis_name)
-    return first
+    if v is None or jnp.ndim(v) == 0:
+        return v
+    axes = config.reduce_axes
+    lead, trail = axes[0], axes[-1] + 1
+    v = jnp.reshape(v, (1,) * (len(shape) - v.ndim) + v.shape)
+    if all(v.shape[a] == 1 for a in axes):
+        return v.reshape((*v.shape[:lead], 1, *v.shape[trail:]))
+    full = tuple(shape[a] if a in axes or (view.tile > 1 and a >= trail) else n for a, n in enumerate(v.shape))
+    v = jnp.broadcast_to(v, full)
+    size = math.prod(v.shape[a] for a in axes)
+    if view.tile > 1:
+        return v.reshape((*v.shape[:lead], size // view.tile, view.tile * math.prod(v.shape[trail:])))
+    return v.reshape((*v.shape[:lead], size, *v.shape[trail:]))
+
+
+def _spread(v, config: NormConfig):
+    """A per-instance (or per-channel) array lined up with the elements of a tiled view: its last axis repeated."""
+    if v is None or config.tile == 1 or jnp.ndim(v) == 0 or v.shape[-1] == 1:
+        return v
+    return jnp.tile(v, (1,) * (v.ndim - 1) + (config.tile,))
+
+
+def _copies(v: jax.Array, n: int) -> tuple[jax.Array, ...]:
+    """``n`` copies of a small per-instance array that XLA does not merge back into one.
+
+    XLA's CPU backend runs a sum in its vectorized reduction library only
+    together with the elementwise work that feeds that sum alone: an x-sized
+    expression that two sums share (``x - k`` in both, once XLA has merged
+    identical expressions) is written to memory and read back instead. A sum
+    built on its own copy of ``k`` recomputes its expression from ``x`` within
+    its one read. (An optimization barrier: free at run time, and only a
+    matter of speed.)
+    """
+    return lax.optimization_barrier((v,) * n)
 
 
 def local_spatial_size(shape: tuple[int, ...], config: NormConfig) -> int:
-    return math.prod(shape[a] for a in config.reduce_axes)
+    return math.prod(shape[a] for a in config.reduce_axes) * config.tile
 
 
 def valid_count(x: jax.Array, mask: jax.Array | None, config: NormConfig, dtype) -> jax.Array:
-    """Number of valid spatial elements per instance, at least 1 (an all-padding
-    instance then normalizes to its bias instead of dividing by zero)."""
+    """The number of valid spatial elements of every instance (0 for an all-padding one)."""
     if mask is None:
         count = jnp.asarray(local_spatial_size(x.shape, config), dtype)
         if config.spatial_axis_name is not None:
             count = count * lax.psum(1, config.spatial_axis_name)
         return count
     ones = jnp.broadcast_to(mask, x.shape).astype(dtype)
-    return jnp.maximum(spatial_sum(ones, config), 1)
+    return spatial_sum(ones, config)
+
+
+def _at_least_one(count: jax.Array) -> jax.Array:
+    """``count`` as a divisor: an all-padding instance's sums are 0, and stay 0."""
+    return jnp.maximum(count, 1)
+
+
+def inverse_std(var: jax.Array, eps: float, count: jax.Array | None = None) -> jax.Array:
+    """``r = 1 / sqrt(var + eps)``, and 0 where ``var + eps == 0`` (PyTorch's rule) or the instance has no
+    valid element: the output there is the bias. A NaN variance keeps ``r`` NaN."""
+    v = var + eps
+    none = v == 0 if count is None else (v == 0) | (count == 0)
+    # rsqrt of 1 where unused, so that no derivative of rsqrt at 0 (inf) meets the zero it is selected away by.
+    return jnp.where(none, 0, lax.rsqrt(jnp.where(none, 1, v)))
 
 
 class InstanceStats(NamedTuple):
@@ -130,22 +222,53 @@ class InstanceStats(NamedTuple):
 
 
 def instance_stats(x: jax.Array, mask: jax.Array | None, config: NormConfig) -> InstanceStats:
-    """Shifted one-sweep mean and biased variance of every ``(n, c)`` instance.
+    """Mean and biased variance of every ``(n, c)`` instance by a corrected two-pass algorithm.
 
-    ``sum(d)`` and ``sum(d * d)`` of ``d = x - k`` are computed from the same
-    read of ``x``; with ``k`` within a few standard deviations of the mean the
-    subtraction ``S2/M - md**2`` loses at most a few bits.
+    The first pass gives a rough mean ``k = sum(x) / M`` over the valid
+    elements; the second sums ``d = x - k`` and ``d * d``, and::
+
+        md  = sum(d) / M                           the correction of the mean, mu = k + md
+        var = (sum(d * d) - sum(d) * md) / M       = mean((x - mu)**2) exactly
+
+    ``k`` is within a few ulps of the data's magnitude of the true mean,
+    wherever the outliers are, so the correction ``sum(d) * md`` is tiny next
+    to ``sum(d * d)``: nothing cancels, and the variance keeps full float
+    precision (a one-sweep ``E[x**2] - E[x]**2`` around a value far from the
+    mean, e.g. a hot first pixel, would not). A NaN or an infinity gives a
+    NaN variance (``maximum`` keeps NaN).
+
+    ``k`` must be one float for every pass and the output (they all centre on
+    it and correct by ``md``). XLA recomputes a small expression inside each
+    consumer, and in some contracts ``sum * (1 / M)`` and the subtraction into
+    one fused multiply-add: rounded to one bit less than its dtype, ``k`` is
+    the same float everywhere.
+
+    Each pass is one single-output sum over the spatial axes (of a compact
+    view, :func:`_compact_view`), the form XLA's CPU backend hands to its
+    vectorized reduction library; on GPU, XLA fuses the sibling sums of the
+    second pass into one read of ``x``.
     """
+    view = _compact_view(x, config)
+    if view is not None:
+        stats = instance_stats(*(_to_view(v, x.shape, config, view) for v in (x, mask)), view)
+        kept = tuple(1 if a in config.reduce_axes else n for a, n in enumerate(x.shape))
+        return InstanceStats(*(v.reshape(kept) if v.ndim else v for v in stats))
     cdt = compute_dtype(x.dtype)
-    xc = x.astype(cdt)
+    # Each pass converts x to the compute dtype by itself (in its one read)
+    # rather than all sharing one converted copy written to memory.
+    x0, x1, x2 = (x,) * 3 if x.dtype == cdt else (v.astype(cdt) for v in _copies(x, 3))
     count = valid_count(x, mask, config, cdt)
-    k = _shift(xc, mask, count, config)
-    d = xc - k
+    divisor = _at_least_one(count)
+    finfo = jnp.finfo(cdt)
+    total = spatial_sum(x0 if mask is None else jnp.where(mask, x0, 0), config)
+    k = lax.reduce_precision(total / divisor, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant - 1)
+    d1, d2 = (xv - _spread(c, config) for xv, c in zip((x1, x2), _copies(k, 2)))
     if mask is not None:
-        d = jnp.where(mask, d, 0)
-    s1, s2 = _spatial_sums((d, d * d), config)
-    md = s1 / count
-    var = jnp.maximum(s2 / count - md * md, 0)
+        d1, d2 = jnp.where(mask, d1, 0), jnp.where(mask, d2, 0)
+    s1 = spatial_sum(d1, config)
+    s2 = spatial_sum(d2 * d2, config)
+    md = s1 / divisor
+    var = jnp.maximum((s2 - s1 * md) / divisor, 0)
     return InstanceStats(k, md, var, count)
 
 
@@ -169,18 +292,17 @@ def normalize(x, shift, mean_shifted, rstd, weight, bias) -> jax.Array:
 
 
 def normalized_with_stats(x, weight, bias, mask, config: NormConfig):
-    """``(y, mean, residual, var, count)`` by the formulas above (the XLA path).
+    """``(y, center, residual, var, count)`` by the formulas above (the XLA path).
 
-    ``mean`` is rounded to the compute dtype and ``residual`` is what that
-    rounding lost: ``mean + residual`` is the mean to about twice the
-    precision, and the tangent map centres on ``mean`` and corrects by
-    ``residual``.
+    The mean is ``center + residual``: ``center`` a float close to the mean
+    (here the rough mean ``k``), ``residual`` the small rest (here ``md``);
+    the tangent map centres on ``center`` and corrects by ``residual``, as
+    the output does. ``count`` is the valid count (0 for an all-padding item).
     """
     stats = instance_stats(x, mask, config)
-    rstd = lax.rsqrt(stats.var + config.eps)
+    rstd = inverse_std(stats.var, config.eps, stats.count)
     y = normalize(x, stats.shift, stats.mean_shifted, rstd, weight, bias)
-    mean = stats.shift + stats.mean_shifted
-    return y, mean, stats.mean_shifted - (mean - stats.shift), stats.var, stats.count
+    return y, stats.shift, stats.mean_shifted, stats.var, stats.count
 
 
 def instance_tangent(config, x, center, residual, rstd, count, weight, mask, dx, dweight, dbias):
@@ -191,22 +313,39 @@ def instance_tangent(config, x, center, residual, rstd, count, weight, mask, dx,
 
         dy    = dx * (w r) + xhat * (dw - w r ds) + (db - w r dm)
         dmean = dm
-        dvar  = 2 ds / r          since  x - mu = xhat / r
+        dvar  = 2 ds / r = 2 mean((x - mu) * dx)          (no division: r may be 0)
 
-    It is written on ``d = x - center`` (exact) instead of
-    ``xhat = (d - e) r``, with ``e = mean - center`` the tiny rounding
-    residual: ``ds = r (mean(d dx) - e dm)`` and ``xhat * B = d * (r B) - e r B``.
-    Then every input-sized term is ``dx`` or
-    ``d`` times a per-instance coefficient, and the transposed program (the
-    backward pass) needs exactly two per-instance sums, ``sum(g)`` and
-    ``sum(g * d)``, with nothing input-sized to materialize in between.
+    Every input-sized term is ``dx``, ``xhat`` or ``d = x - center`` times a
+    per-instance coefficient, so the transposed program (the backward pass)
+    needs exactly two per-instance sums, ``sum(g)`` and ``sum(g * d)``, with
+    nothing input-sized to materialize in between. ``ds`` sums ``x - mu``
+    recomputed as the forward pass does it (:func:`centered`, exact): its
+    transpose is the input cotangent's ``xhat`` term, which a split into
+    ``d - e`` (``e`` the residual) would cancel where ``e`` is not small next
+    to the spread (an item with one valid element). The output's ``xhat * B``
+    is split, ``d * (r B) - e r B``: its transpose is the sum,
+    ``sum(g * d) - e sum(g)``, one subtraction per element fewer.
     """
+    view = _compact_view(x, config)
+    if view is not None:
+        views = (_to_view(v, x.shape, config, view)
+                 for v in (x, center, residual, rstd, count, weight, mask, dx, dweight, dbias))
+        dy, dmean, dvar = instance_tangent(view, *views)
+        return dy.reshape(x.shape), dmean.reshape(center.shape), dvar.reshape(center.shape)
     cdt = rstd.dtype
-    d = x.astype(cdt) - center
+    divisor = _at_least_one(count)
+    # One centred x for the sums of the tangent, one for its output: in the
+    # transposed program (the backward pass) the latter becomes the sum of
+    # g * d, the former a term of the input's cotangent; unshared, each is
+    # recomputed from x where it is used.
+    x_sum, x_out = (x, x) if x.dtype == cdt else _copies(x, 2)
+    center_sum, center_out = _copies(center, 2)
     dxc = dx.astype(cdt)
     dxm = dxc if mask is None else jnp.where(mask, dxc, 0)
-    dm = spatial_sum(dxm, config) / count
-    ds = rstd * (spatial_sum(d * dxm, config) / count - residual * dm)
+    dm = spatial_sum(dxm, config) / divisor
+    deviation = centered(x_sum, _spread(center_sum, config), _spread(residual, config))
+    spread_dx = spatial_sum(deviation * dxm, config) / divisor  # mean((x - mu) dx) = ds / r
+    ds = rstd * spread_dx
     a = rstd if weight is None else rstd * weight
     b = -a * ds
     c = -a * dm
@@ -215,8 +354,10 @@ def instance_tangent(config, x, center, residual, rstd, count, weight, mask, dx,
     if dbias is not None:
         c = c + dbias
     rb = rstd * b
-    dy = (dxc * a + d * rb + (c - residual * rb)).astype(x.dtype)
-    return dy, dm, 2 * ds / rstd
+    # Fenced before they meet x: the backward pass's sum(g * d) and sum(g) are their transposes.
+    dy = dxc * _spread(a, config) + centered(x_out, _spread(center_out, config), None) * _spread(_fence(rb), config)
+    dy = (dy + _spread(_fence(c - residual * rb), config)).astype(x.dtype)
+    return dy, dm, 2 * spread_dx
 
 
 def running_tangent(x, running_mean, rstd, weight, dx, drunning_mean, drunning_var, dweight, dbias):
