@@ -18,16 +18,17 @@
 
 namespace lucid {
 
-// Sums run in float over blocks of this many elements (each SIMD lane adds a
-// few dozen terms, and a block of float32 is 1 KiB, in L1 when re-read), and
-// the block results accumulate in double: float speed, near-double accuracy.
+// The backward's sums run in float over blocks of this many elements (each
+// SIMD lane adds a few terms), and the block sums accumulate in double: float
+// speed, near-double accuracy. (The forward's moments have blocks of their
+// own, see "moments".)
 constexpr int64_t kBlock = 256;
 
-// The per-lane partial sums (u, v) of terms over n elements (a few hundred), where
-// terms(a_i, b_i, u, v) gives the i-th pair from the i-th elements of a and b
-// (as floats, or as a Vec for kWidth at once). kAcc independent vector
-// accumulators per sum hide the latency of the additions; a partial last
-// vector is padded and its extra lanes dropped.
+// The per-lane partial sums (u, v) of terms over n elements (a block, a few
+// hundred), where terms(a_i, b_i, u, v) gives the i-th pair from the i-th
+// elements of a and b (as floats, or as a Vec for kWidth at once). kAcc
+// independent vector accumulators per sum hide the latency of the
+// additions; a partial last vector is padded and its extra lanes dropped.
 template <int kAcc, typename T, typename Terms>
 inline void Partials(const typename T::Storage* a, const typename T::Storage* b, int64_t n, Terms terms, Vec* u,
                      Vec* v) {
@@ -237,14 +238,21 @@ void SlabSums(const typename T::Storage* a, const typename T::Storage* b, int64_
 
 // The forward's statistics: per instance the mean and m2, the sum of squared
 // deviations from it, to about double precision whatever the data. The
-// instance goes in blocks (kBlock elements of a row, a short row, or a block
-// of rows of a channels-last slab), each read twice while in cache: first
-// its float mean s, then the float sums of d = x - s and d^2, which give the
-// block's mean s + sum(d)/n and m2 = sum(d^2) - sum(d)^2/n. With d centred
-// (sum(d)/n is a rounding error), neither sum cancels: no offset of the data
-// from zero and no element's place (a hot pixel first in its row, say) costs
-// accuracy. The blocks merge in double with Chan's parallel formula. A NaN or
-// infinity anywhere makes the instance's mean and m2 NaN.
+// instance goes in blocks (of a row, a whole short row, or a block of rows of
+// a channels-last slab; in L1), each centred on a float shift s near its
+// mean: the float sums of d = x - s and d^2 give the block's mean
+// s + sum(d)/n and m2 = sum(d^2) - sum(d)^2/n, and the blocks merge in double
+// with Chan's parallel formula. The first block of an instance is read twice,
+// its shift its own float mean (so sum(d)/n is a rounding error); every later
+// block's shift is the previous block's mean, which saves that extra pass and
+// is provably near: n (mean_prev - mean_b)^2 <= 2 n ((mean_prev - mu)^2 +
+// (mean_b - mu)^2) for the instance's mean mu, so over all the blocks the
+// squares that centring on the shifts adds come to at most 4 m2 (blocks of
+// equal size; a last, shorter one adds less). sum(d^2) is then at most 5 m2
+// and its rounding at most 5 times that of sums centred exactly: no offset of
+// the data from zero and no element's place (a hot pixel first in its row,
+// say) costs more than that. A NaN or infinity anywhere makes the instance's
+// mean and m2 NaN.
 
 // A block's merge weights: f = n_b/(n_a + n_b) and g = n_a f, for a block of
 // n_b elements joining n_a already merged (the same for every channel of a
@@ -261,18 +269,21 @@ inline MergeWeights WeightsOf(int64_t n_a, int64_t n_b) {
 // Merges a block of n_b = 1 / inv_n elements, centred on `shift` with float
 // sums sd = sum(d) and sd2 = sum(d^2), into (mean, m2) (Chan et al.: the m2
 // of the union is the two m2 plus delta^2 n_a n_b / (n_a + n_b), delta the
-// difference of the means). Into (0, 0) with WeightsOf(0, n_b), it sets the
-// block's own moments. D is double, or VecD for kWidth blocks at once.
+// difference of the means), and returns the block's mean. Into (0, 0) with
+// WeightsOf(0, n_b), it sets the block's own moments. D is double, or VecD
+// for kWidth / 2 blocks at once.
 template <typename D>
-inline void MergeBlock(const D& shift, const D& sd, const D& sd2, double inv_n, MergeWeights w, D* mean, D* m2) {
+inline D MergeBlock(const D& shift, const D& sd, const D& sd2, double inv_n, MergeWeights w, D* mean, D* m2) {
   const D mean_b = shift + sd * inv_n, m2_b = sd2 - sd * sd * inv_n;
   const D delta = mean_b - *mean;
   *mean += delta * w.f;
   *m2 += m2_b + delta * delta * w.g;
+  return mean_b;
 }
 
-// The terms of the two passes over a block: x itself (its sum gives the
-// shift), then d = x - shift and d^2 (shift a float, or a Vec of them).
+// The terms of the passes over a block: x itself (its sum gives the first
+// block's shift), then d = x - shift and d^2 (shift a float, or a Vec of
+// them).
 struct SumOfX {
   template <typename V>
   void operator()(V x, V, V& u, V& v) const {
@@ -292,8 +303,9 @@ struct Deviations {
   }
 };
 
-// The moments of n contiguous elements as one block (a short row, or the
-// end of a long one), merged into (mean, m2) with weights w.
+// The moments of n contiguous elements as one block centred on its own float
+// mean (a short row, or the end of a long one), merged into (mean, m2) with
+// weights w.
 template <typename T>
 inline void MergeRowBlock(const typename T::Storage* x, int64_t n, MergeWeights w, double* mean, double* m2) {
   Vec s, sd, sd2;
@@ -303,13 +315,21 @@ inline void MergeRowBlock(const typename T::Storage* x, int64_t n, MergeWeights 
   MergeBlock<double>(shift, HorizontalSum(sd), HorizontalSum(sd2), 1.0 / static_cast<double>(n), w, mean, m2);
 }
 
+// Two VecD halves as one Vec of floats.
+inline Vec ToFloat(const VecD (&d)[2]) {
+  const VecHalf h[2] = {__builtin_convertvector(d[0], VecHalf), __builtin_convertvector(d[1], VecHalf)};
+  Vec v;
+  std::memcpy(&v, h, sizeof(v));
+  return v;
+}
+
 // The moments of one row of m contiguous elements, in blocks of
 // kRowMomentBlock elements in which each SIMD lane keeps its own moments:
 // lane l's block is the kLaneBlock elements at positions l mod kWidth,
-// centred on their own float mean and merged into the lane's double moments
-// (so a block ends without a horizontal sum or a division, and merges cost
-// little per element). The lanes, of equal counts, merge at the end of the
-// row, and then a last partial block (one scalar shift, MergeRowBlock).
+// centred on the lane's previous block's mean (the first on its own) and
+// merged into the lane's double moments, so a block ends without a
+// horizontal sum or a division. The lanes, of equal counts, merge at the
+// end of the row, and then a last partial block (MergeRowBlock).
 constexpr int64_t kLaneBlock = 32;
 constexpr int64_t kRowMomentBlock = kLaneBlock * kWidth;
 
@@ -317,18 +337,21 @@ template <typename T>
 inline void RowMoments(const typename T::Storage* x, int64_t m, double* mean, double* m2) {
   const int64_t full = m / kRowMomentBlock;
   VecD mu[2] = {}, q[2] = {};
+  Vec s, sd, sd2;
+  if (full > 0) {
+    Partials<4, T>(x, x, kRowMomentBlock, SumOfX{}, &s, &sd);
+    s *= 1.0f / kLaneBlock;
+  }
   for (int64_t k = 0; k < full; ++k) {
     const typename T::Storage* xb = x + k * kRowMomentBlock;
-    Vec s, sd, sd2;
-    Partials<4, T>(xb, xb, kRowMomentBlock, SumOfX{}, &s, &sd);
-    s *= 1.0f / kLaneBlock;
     Partials<4, T>(xb, xb, kRowMomentBlock, Deviations<Vec>{s}, &sd, &sd2);
-    VecD ds[2], dsd[2], dsd2[2];
+    VecD ds[2], dsd[2], dsd2[2], mean_b[2];
     ToDouble(s, ds);
     ToDouble(sd, dsd);
     ToDouble(sd2, dsd2);
     const MergeWeights w = WeightsOf(k * kLaneBlock, kLaneBlock);
-    for (int h = 0; h < 2; ++h) MergeBlock(ds[h], dsd[h], dsd2[h], 1.0 / kLaneBlock, w, &mu[h], &q[h]);
+    for (int h = 0; h < 2; ++h) mean_b[h] = MergeBlock(ds[h], dsd[h], dsd2[h], 1.0 / kLaneBlock, w, &mu[h], &q[h]);
+    s = ToFloat(mean_b);
   }
   double lane_mean[kWidth], lane_m2[kWidth];
   std::memcpy(lane_mean, mu, sizeof(mu));
@@ -351,8 +374,9 @@ inline void RowMoments(const typename T::Storage* x, int64_t m, double* mean, do
 }
 
 // RowMoments for `rows` consecutive rows of m elements (a group, see
-// RowGroup). Rows up to kBlock long are one block each and go kWidth rows at
-// a time, both passes summed with TransposeSum (see GroupSums).
+// RowGroup). Rows up to kBlock long are one block each, centred on their own
+// float mean (two passes), and go kWidth rows at a time, each pass summed
+// with TransposeSum (see GroupSums).
 template <typename T>
 inline void GroupMoments(const typename T::Storage* x, int64_t m, int64_t rows, double* mean, double* m2) {
   if (m > kBlock) {
@@ -386,13 +410,14 @@ inline void GroupMoments(const typename T::Storage* x, int64_t m, int64_t rows, 
 }
 
 // The channels-last counterpart: per channel j in [0, width), the moments of
-// the m rows (stride c), in blocks of kSlabBlock rows. Per block and channel
-// group both passes run down the block's rows (in L1) with every channel's
-// sums in registers, and merge into the channels' double moments; the last
-// channels (under kWidth) go one at a time. Blocks of few rows keep each
-// lane's float sums short: a lane adds every one of its block's rows in turn
-// (measured: a hot pixel in a sparse map cost 2e-6 of the output's scale
-// with blocks of 256 rows, 3e-7 with 32).
+// the m rows (stride c), in blocks of kSlabBlock rows, each channel's blocks
+// centred as a row's (the first on its own mean, the others on the previous
+// block's). Per block and channel group, the passes run down the block's
+// rows with every channel's sums in registers; the last channels (under
+// kWidth) go one at a time. Blocks of few rows keep each lane's float sums
+// short: a lane adds every row of its block in turn (measured: a hot pixel in
+// a sparse map cost 2e-6 of the output's scale with blocks of 256 rows, 3e-7
+// with 32).
 constexpr int64_t kSlabBlock = 32;
 
 inline VecD LoadVecD(const double* p, int64_t i) {
@@ -405,6 +430,7 @@ inline void StoreVecD(double* p, int64_t i, const VecD& v) { std::memcpy(p + i, 
 
 template <typename T>
 void SlabMoments(const typename T::Storage* x, int64_t m, int64_t c, int64_t width, double* mean, double* m2) {
+  std::vector<float> shift(width);  // each channel's next shift
   std::fill(mean, mean + width, 0.0);
   std::fill(m2, m2 + width, 0.0);
   for (int64_t i0 = 0; i0 < m; i0 += kSlabBlock) {
@@ -415,10 +441,14 @@ void SlabMoments(const typename T::Storage* x, int64_t m, int64_t c, int64_t wid
     const int64_t tail = ForEachChannelGroup(width, [&](auto nv, int64_t j0) {
       constexpr int NV = decltype(nv)::value;
       Vec s[NV] = {}, u[NV] = {}, v[NV] = {};
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int q = 0; q < NV; ++q) s[q] += LoadVec(x + i * c + j0, q * kWidth);
+      if (i0 == 0) {
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int q = 0; q < NV; ++q) s[q] += LoadVec(x + i * c + j0, q * kWidth);
+        }
+        for (int q = 0; q < NV; ++q) s[q] *= inv_nf;
+      } else {
+        for (int q = 0; q < NV; ++q) s[q] = LoadVec(shift.data(), j0 + q * kWidth);
       }
-      for (int q = 0; q < NV; ++q) s[q] *= inv_nf;
       for (int64_t i = i0; i < i1; ++i) {
         for (int q = 0; q < NV; ++q) {
           const Vec xq = LoadVec(x + i * c + j0, q * kWidth);
@@ -429,23 +459,27 @@ void SlabMoments(const typename T::Storage* x, int64_t m, int64_t c, int64_t wid
         }
       }
       for (int q = 0; q < NV; ++q) {
-        VecD ds[2], du[2], dv[2];
+        VecD ds[2], du[2], dv[2], mean_b[2];
         ToDouble(s[q], ds);
         ToDouble(u[q], du);
         ToDouble(v[q], dv);
         for (int h = 0; h < 2; ++h) {
           const int64_t j = j0 + q * kWidth + h * (kWidth / 2);
           VecD mu = LoadVecD(mean, j), sq = LoadVecD(m2, j);
-          MergeBlock(ds[h], du[h], dv[h], inv_n, w, &mu, &sq);
+          mean_b[h] = MergeBlock(ds[h], du[h], dv[h], inv_n, w, &mu, &sq);
           StoreVecD(mean, j, mu);
           StoreVecD(m2, j, sq);
         }
+        StoreVec(shift.data(), j0 + q * kWidth, ToFloat(mean_b));
       }
     });
     for (int64_t j = tail; j < width; ++j) {
-      float s = 0.0f, u = 0.0f, v = 0.0f;
-      for (int64_t i = i0; i < i1; ++i) s += T::Load(x + i * c, j);
-      s *= inv_nf;
+      float s = shift[j], u = 0.0f, v = 0.0f;
+      if (i0 == 0) {
+        s = 0.0f;
+        for (int64_t i = i0; i < i1; ++i) s += T::Load(x + i * c, j);
+        s *= inv_nf;
+      }
       for (int64_t i = i0; i < i1; ++i) {
         const float xj = T::Load(x + i * c, j);
         float p, r;
@@ -453,7 +487,7 @@ void SlabMoments(const typename T::Storage* x, int64_t m, int64_t c, int64_t wid
         u += p;
         v += r;
       }
-      MergeBlock<double>(s, u, v, inv_n, w, &mean[j], &m2[j]);
+      shift[j] = static_cast<float>(MergeBlock<double>(s, u, v, inv_n, w, &mean[j], &m2[j]));
     }
   }
 }
