@@ -414,11 +414,17 @@ inline void GroupMoments(const typename T::Storage* x, int64_t m, int64_t rows, 
 // centred as a row's (the first on its own mean, the others on the previous
 // block's). Per block and channel group, the passes run down the block's
 // rows with every channel's sums in registers; the last channels (under
-// kWidth) go one at a time. Blocks of few rows keep each lane's float sums
-// short: a lane adds every row of its block in turn (measured: a hot pixel in
-// a sparse map cost 2e-6 of the output's scale with blocks of 256 rows, 3e-7
-// with 32).
-constexpr int64_t kSlabBlock = 32;
+// kWidth) go one at a time. A lane adds the rows of its block in turn, and a
+// float sum in which one large term comes first rounds each later term
+// against it (the same way, if the terms are alike: the zeros of a sparse map
+// with a hot pixel), so the float sums go in chains of kSlabChain rows,
+// added up in double (measured, a hot pixel in a sparse map: 2e-6 of the
+// output's scale with float sums over 128 rows, 6e-7 over 8 rows added in
+// float, 1e-7 with chains of 8 added in double). Blocks of many rows make the
+// merges few (blocks of 32 rows cost the forward 15% on a channels-last
+// benchmark shape).
+constexpr int64_t kSlabChain = 8;
+constexpr int64_t kSlabBlock = 16 * kSlabChain;
 
 inline VecD LoadVecD(const double* p, int64_t i) {
   VecD v;
@@ -440,7 +446,7 @@ void SlabMoments(const typename T::Storage* x, int64_t m, int64_t c, int64_t wid
     const float inv_nf = 1.0f / static_cast<float>(n);
     const int64_t tail = ForEachChannelGroup(width, [&](auto nv, int64_t j0) {
       constexpr int NV = decltype(nv)::value;
-      Vec s[NV] = {}, u[NV] = {}, v[NV] = {};
+      Vec s[NV] = {};
       if (i0 == 0) {
         for (int64_t i = i0; i < i1; ++i) {
           for (int q = 0; q < NV; ++q) s[q] += LoadVec(x + i * c + j0, q * kWidth);
@@ -449,24 +455,35 @@ void SlabMoments(const typename T::Storage* x, int64_t m, int64_t c, int64_t wid
       } else {
         for (int q = 0; q < NV; ++q) s[q] = LoadVec(shift.data(), j0 + q * kWidth);
       }
-      for (int64_t i = i0; i < i1; ++i) {
+      VecD su[NV][2] = {}, sv[NV][2] = {};
+      for (int64_t k0 = i0; k0 < i1; k0 += kSlabChain) {
+        Vec u[NV] = {}, v[NV] = {};
+        for (int64_t i = k0; i < std::min(i1, k0 + kSlabChain); ++i) {
+          for (int q = 0; q < NV; ++q) {
+            const Vec xq = LoadVec(x + i * c + j0, q * kWidth);
+            Vec p, r;
+            Deviations<Vec>{s[q]}(xq, xq, p, r);
+            u[q] += p;
+            v[q] += r;
+          }
+        }
         for (int q = 0; q < NV; ++q) {
-          const Vec xq = LoadVec(x + i * c + j0, q * kWidth);
-          Vec p, r;
-          Deviations<Vec>{s[q]}(xq, xq, p, r);
-          u[q] += p;
-          v[q] += r;
+          VecD du[2], dv[2];
+          ToDouble(u[q], du);
+          ToDouble(v[q], dv);
+          for (int h = 0; h < 2; ++h) {
+            su[q][h] += du[h];
+            sv[q][h] += dv[h];
+          }
         }
       }
       for (int q = 0; q < NV; ++q) {
-        VecD ds[2], du[2], dv[2], mean_b[2];
+        VecD ds[2], mean_b[2];
         ToDouble(s[q], ds);
-        ToDouble(u[q], du);
-        ToDouble(v[q], dv);
         for (int h = 0; h < 2; ++h) {
           const int64_t j = j0 + q * kWidth + h * (kWidth / 2);
           VecD mu = LoadVecD(mean, j), sq = LoadVecD(m2, j);
-          mean_b[h] = MergeBlock(ds[h], du[h], dv[h], inv_n, w, &mu, &sq);
+          mean_b[h] = MergeBlock(ds[h], su[q][h], sv[q][h], inv_n, w, &mu, &sq);
           StoreVecD(mean, j, mu);
           StoreVecD(m2, j, sq);
         }
@@ -474,20 +491,26 @@ void SlabMoments(const typename T::Storage* x, int64_t m, int64_t c, int64_t wid
       }
     });
     for (int64_t j = tail; j < width; ++j) {
-      float s = shift[j], u = 0.0f, v = 0.0f;
+      float s = shift[j];
       if (i0 == 0) {
         s = 0.0f;
         for (int64_t i = i0; i < i1; ++i) s += T::Load(x + i * c, j);
         s *= inv_nf;
       }
-      for (int64_t i = i0; i < i1; ++i) {
-        const float xj = T::Load(x + i * c, j);
-        float p, r;
-        Deviations<float>{s}(xj, xj, p, r);
-        u += p;
-        v += r;
+      double su = 0.0, sv = 0.0;
+      for (int64_t k0 = i0; k0 < i1; k0 += kSlabChain) {
+        float u = 0.0f, v = 0.0f;
+        for (int64_t i = k0; i < std::min(i1, k0 + kSlabChain); ++i) {
+          const float xj = T::Load(x + i * c, j);
+          float p, r;
+          Deviations<float>{s}(xj, xj, p, r);
+          u += p;
+          v += r;
+        }
+        su += u;
+        sv += v;
       }
-      shift[j] = static_cast<float>(MergeBlock<double>(s, u, v, inv_n, w, &mean[j], &m2[j]));
+      shift[j] = static_cast<float>(MergeBlock<double>(s, su, sv, inv_n, w, &mean[j], &m2[j]));
     }
   }
 }
