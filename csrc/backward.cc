@@ -16,7 +16,9 @@
 namespace lucid {
 namespace {
 
-// The per-instance coefficients of gx = gy * a + (x - mean_f) * q + z.
+// The per-instance coefficients of gx = gy * a + (x - mean_f) * q + z, from
+// g1 = sum(gy) and g2 = sum(gy xhat) (see backward.h). No division by r:
+// with r = 0 (var + eps = 0) every coefficient stays finite.
 struct BackwardCoefficients {
   float a, q, z;
 };
@@ -24,11 +26,9 @@ struct BackwardCoefficients {
 inline BackwardCoefficients Coefficients(double g1, double g2, int64_t m, float e, float r, float w, float gm,
                                          float gv) {
   const double a = static_cast<double>(r) * w;
-  // gx = a gy + xhat * bx + cx with xhat = (x - mean_f - e) r
-  const double bx = (2.0 * gv / r - a * g2) / m;
-  const double cx = (gm - a * g1) / m;
-  const double q = bx * r;
-  return {static_cast<float>(a), static_cast<float>(q), static_cast<float>(cx - e * q)};
+  const double q = (2.0 * gv - a * g2 * r) / m;
+  const double z = (gm - a * g1) / m - e * q;
+  return {static_cast<float>(a), static_cast<float>(q), static_cast<float>(z)};
 }
 
 // Rows of M contiguous elements (channels-first), [begin, end) of the

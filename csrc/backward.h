@@ -1,11 +1,14 @@
-// The backward pass: the transpose of the tangent map in
-// lucid/nn/_instance_norm.py. Given the cotangents gy of y, gm of the mean
+// The backward pass: the transpose of the tangent map (instance_tangent in
+// lucid/nn/_stats.py). Given the cotangents gy of y, gm of the mean
 // and gv of the variance, with xhat = ((x - mean_f) - e) r (the forward's
-// statistics, see forward.h):
+// statistics, see forward.h; r comes from the caller, 0 where var + eps = 0):
 //     g1 = sum(gy), g2 = sum(gy xhat)              (one read of x and gy)
-//     gx = r w (gy - (g1 + xhat g2)/M) + (gm + 2 gv xhat / r)/M   (from cache)
-// and the per-instance g1, g2 are returned: the weight and bias gradients
-// are their sums over the batch, a small reduction left to XLA.
+//     gx = r w (gy - (g1 + xhat g2)/M) + (gm + 2 gv (x - mean))/M   (from cache)
+// computed as gx = a gy + q ((x - mean_f) - e) + (gm - a g1)/M with a = r w
+// and q = (2 gv - a g2 r)/M: no division by r, so every coefficient stays
+// finite with r = 0 (gx is then the mean's and the variance's own part).
+// The per-instance g1, g2 are returned: the weight and bias gradients are
+// their sums over the batch, a small reduction left to XLA.
 
 #ifndef LUCID_CSRC_BACKWARD_H_
 #define LUCID_CSRC_BACKWARD_H_

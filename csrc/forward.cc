@@ -17,21 +17,21 @@
 namespace lucid {
 namespace {
 
-// One instance's statistics from its shifted sums s1 = sum(x - k) and
-// s2 = sum((x - k)^2) over m = 1 / inv_m elements: the mean as a float and
-// its rounding residual, the biased variance and 1 / sqrt(var + eps).
-// Branch-free (the clamp is a select), so loops over instances vectorize.
-struct Moments {
+// One instance's statistics from its mean and m2 (see RowMoments) over m =
+// 1 / inv_m elements: the mean as a float and its rounding residual, the
+// biased variance and r = 1 / sqrt(var + eps), 0 where var + eps is 0 (a
+// constant instance with eps 0 normalizes to its bias, as in PyTorch). A NaN
+// m2 stays NaN (rounding can leave m2 a little below 0, which is clamped).
+// Branch-free (selects), so loops over instances vectorize.
+struct Statistics {
   float mean, residual, var, rstd;
 };
 
-inline Moments MomentsOf(double s1, double s2, float k, double inv_m, float eps) {
-  const double md = s1 * inv_m;
-  const double d = s2 * inv_m - md * md, v = d > 0.0 ? d : 0.0;
-  const double mu = k + md;
+inline Statistics StatisticsOf(double mu, double m2, double inv_m, float eps) {
+  const double v = m2 < 0.0 ? 0.0 : m2 * inv_m, s = v + eps;
   const float mean = static_cast<float>(mu);
   return {mean, static_cast<float>(mu - static_cast<double>(mean)), static_cast<float>(v),
-          static_cast<float>(1.0 / std::sqrt(v + eps))};
+          s == 0.0 ? 0.0f : static_cast<float>(1.0 / std::sqrt(s))};
 }
 
 // Rows of M contiguous elements (channels-first), [begin, end) of the
@@ -45,25 +45,17 @@ void ForwardRows(const Shape& s, ForwardArgs<T> args, int64_t begin, int64_t end
   const float eps = args.eps;
   const int64_t m = s.m, group = RowGroup(m * sizeof(typename T::Storage));
   const double inv_m = 1.0 / m;
-  double s1[kGroup] = {}, s2[kGroup] = {};
-  float k[kGroup] = {}, mean_f[kGroup], e[kGroup], var_f[kGroup], r[kGroup];
+  double mu[kGroup] = {}, m2[kGroup] = {};
+  float mean_f[kGroup], e[kGroup], var_f[kGroup], r[kGroup];
   int64_t pc[kGroup];
   for (int64_t r0 = begin; r0 < end; r0 += group) {
     const int64_t rows = std::min(group, end - r0);
     const typename T::Storage* xg = x + r0 * m;
-    for (int64_t j = 0; j < rows; ++j) k[j] = T::Load(xg + j * m, 0);
-    GroupSums<T>(
-        xg, xg, m, rows,
-        [&k](int64_t j, auto xi, auto, auto& u, auto& v) {
-          const auto d = xi - k[j];
-          u = d;
-          v = d * d;
-        },
-        s1, s2);
+    GroupMoments<T>(xg, m, rows, mu, m2);
     // Every slot, a fixed trip count that vectorizes; slots past `rows` are unused.
 #pragma omp simd
     for (int64_t j = 0; j < kGroup; ++j) {
-      const Moments mo = MomentsOf(s1[j], s2[j], k[j], inv_m, eps);
+      const Statistics mo = StatisticsOf(mu[j], m2[j], inv_m, eps);
       mean_f[j] = mo.mean;
       e[j] = mo.residual;
       var_f[j] = mo.var;
@@ -94,20 +86,12 @@ void ForwardSlab(const Shape& s, ForwardArgs<T> args, const ChannelBlock& blk, i
   const float *const w = args.w + blk.param(s), *const b = args.b + blk.param(s);
   float *const mean_out = args.mean + blk.stat(s), *const residual_out = args.residual + blk.stat(s),
                *const var_out = args.var + blk.stat(s);
-  std::vector<double> s1(width), s2(width);
-  std::vector<float> k(width), mean_f(width), e(width), a(width), bb(width);
-  for (int64_t j = 0; j < width; ++j) k[j] = T::Load(x, j);
-  SlabSums<T>(
-      x, x, m, c, width,
-      [k = k.data()](int64_t j, auto xj, auto, auto& u, auto& v) {
-        const auto d = xj - Lanes<decltype(xj)>(k, j);
-        u = d;
-        v = d * d;
-      },
-      s1.data(), s2.data());
+  std::vector<double> mu(width), m2(width);
+  std::vector<float> mean_f(width), e(width), a(width), bb(width);
+  SlabMoments<T>(x, m, c, width, mu.data(), m2.data());
   const double inv_m = 1.0 / m;
   for (int64_t j = 0; j < width; ++j) {
-    const Moments mo = MomentsOf(s1[j], s2[j], k[j], inv_m, args.eps);
+    const Statistics mo = StatisticsOf(mu[j], m2[j], inv_m, args.eps);
     mean_f[j] = mo.mean;
     e[j] = mo.residual;
     a[j] = mo.rstd * w[j];

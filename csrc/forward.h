@@ -1,13 +1,20 @@
 // The forward pass: y and the per-instance statistics from x.
 //
-// Per instance, with k the first element (a shift close to the data) and the
-// sums accumulated in double (see kBlock):
-//     s1 = sum(x - k), s2 = sum((x - k)^2), mean = k + s1/M,
-//     var = max(s2/M - (s1/M)^2, 0), r = 1/sqrt(var + eps),
+// Per instance of M elements: its mean mu and m2 = sum((x - mu)^2), to about
+// double precision on any data (RowMoments, GroupMoments and SlabMoments in
+// reductions.h): blocks in L1, each centred on a float shift near its own
+// mean (the first block of an instance on its own mean, read twice; each
+// later one on the previous block's mean, provably near), float sums of
+// d = x - shift and d^2 per block, the blocks merged in double with Chan's
+// formula. Then
+//     var = m2 / M, r = 1/sqrt(var + eps), or 0 where var + eps = 0,
 //     y = ((x - mean_f) - e) * (r w) + b
-// where mean_f is the mean rounded to float and e = mean - mean_f is the
-// rounding residual, so the centring stays exact far from zero. Each
-// instance is read from memory once (the sums) and normalized from cache.
+// where mean_f is the mean rounded to float and e = mu - mean_f is the
+// rounding residual, so the centring stays exact far from zero. A NaN or an
+// infinity in an instance makes its mean and variance NaN (never clamped to
+// 0; other instances are untouched); r = 0 makes a constant instance with
+// eps = 0 its bias exactly, as in PyTorch. Each instance is read from memory
+// once (the statistics) and normalized from cache.
 
 #ifndef LUCID_CSRC_FORWARD_H_
 #define LUCID_CSRC_FORWARD_H_

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from oracles import np_instance_norm, ref_instance_norm
+from oracles import np_instance_norm, ref_instance_norm, torch_instance_norm
+from oracles import reference as np_reference
 
 import lucid.nn.functional as F
+from lucid.nn import _native
 
 
 def _uses_kernel(fn, *args, target: str = "forward") -> bool:
@@ -317,3 +319,260 @@ def test_backward_kernel_higher_orders_and_transposition(rng):
     assert not _uses_kernel(transposed_pullback, x, v, target="backward")  # transposed back to the tangent map
     want = jax.jvp(lambda x: reference(x, w, b), (x,), (v,))[1]
     np.testing.assert_allclose(transposed_pullback(x, v), want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# The kernel's statistics on adversarial data, and its edge rules
+# --------------------------------------------------------------------------
+
+_NCHW_SPATIAL = {"1d": (16384,), "2d": (128, 128), "3d": (8, 32, 32)}
+
+
+def _adversarial(kind, shape, rng):
+    """float32 data on which statistics taken around a poorly chosen shift (or in one sweep) cancel."""
+    n, c = shape[:2]
+    flat = (n, c, -1)
+    if kind == "hot-first":  # N(0, 1), the first element of every instance 300
+        x = rng.standard_normal(shape)
+        x.reshape(flat)[:, :, 0] = 300
+    elif kind == "sparse":  # a post-ReLU map, 1% non-zero, the first element 1000
+        x = np.abs(rng.standard_normal(shape)) * (rng.random(shape) < 0.01)
+        x.reshape(flat)[:, :, 0] = 1000
+    elif kind == "offset":
+        x = rng.standard_normal(shape) + 1e4
+    elif kind == "clusters":
+        x = np.where(rng.random(shape) < 0.5, -1e4, 1e4) + rng.standard_normal(shape)
+    elif kind == "narrow":  # spread 1e-3 around 1, the first element -50
+        x = 1.0 + 1e-3 * rng.standard_normal(shape)
+        x.reshape(flat)[:, :, 0] = -50
+    elif kind == "hot-500":
+        x = rng.standard_normal(shape)
+        x.reshape(flat)[:, :, 0] = 500
+    else:
+        raise AssertionError(kind)
+    return x.astype(np.float32)
+
+
+ADVERSARIAL = {  # kind: {dims: (N, C, *spatial)}
+    **{kind: {d: (2, 3, *s) for d, s in _NCHW_SPATIAL.items()}
+       for kind in ("hot-first", "sparse", "offset", "clusters")},
+    "narrow": {"1d": (2, 3, 4096), "2d": (2, 3, 64, 64), "3d": (2, 3, 16, 16, 16)},
+    "hot-500": {"1d": (2, 3, 4000), "2d": (2, 3, 40, 100), "3d": (2, 3, 10, 20, 20)},
+}
+
+
+def _float64_reference(x, w, b, g, eps=1e-5):
+    """Output, input gradient (cotangent g of the output) and the batch-averaged unbiased variance, in float64."""
+    y, mean, var, count = np_reference(x.astype(np.float64), w, b, eps=eps)
+    spatial = tuple(range(2, x.ndim))
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x.astype(np.float64) - mean) * rstd
+    gh = g.astype(np.float64) * w.reshape(1, -1, *(1,) * (x.ndim - 2))
+    gx = rstd / count * (count * gh - gh.sum(spatial, keepdims=True)
+                         - xhat * (gh * xhat).sum(spatial, keepdims=True))
+    unbiased = (var * count / (count - 1)).reshape(x.shape[:2]).mean(0)
+    return y, gx, unbiased
+
+
+def _lucid_through_kernel(x, w, b, g, channels_last, dtype=jnp.float32):
+    """lucid's output, input gradient and running variance (momentum 1: the batch's), in the logical layout;
+    asserts that the forward and backward kernels compute them."""
+    axis = -1 if channels_last else 1
+
+    def to_layout(a):
+        return np.ascontiguousarray(np.moveaxis(a, 1, -1)) if channels_last else a
+
+    params = {"weight": jnp.asarray(w), "bias": jnp.asarray(b)}
+    stats = F.instance_norm_init(x.shape[1])[1]
+
+    def forward(x):
+        return F.instance_norm_apply(params, stats, x, channel_axis=axis, momentum=1.0)
+
+    def run(x, g):
+        (y, new_stats), pullback = jax.vjp(forward, x)
+        return y, pullback((g, jax.tree.map(jnp.zeros_like, new_stats)))[0], new_stats["running_var"]
+
+    xl, gl = jnp.asarray(to_layout(x), dtype), jnp.asarray(to_layout(g), dtype)
+    assert _uses_kernel(run, xl, gl) and _uses_kernel(run, xl, gl, target="backward")
+    y, gx, running_var = jax.jit(run)(xl, gl)
+    y, gx = (np.asarray(v, np.float64) for v in (y, gx))
+    if channels_last:
+        y, gx = np.moveaxis(y, -1, 1), np.moveaxis(gx, -1, 1)
+    return y, gx, np.asarray(running_var, np.float64)
+
+
+def _scaled_error(got, want):
+    return np.max(np.abs(got - want)) / np.max(np.abs(want))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dims", ["1d", "2d", "3d"])
+@pytest.mark.parametrize("kind", sorted(ADVERSARIAL))
+def test_kernel_statistics_are_exact_on_adversarial_data(rng, kind, dims, channels_last):
+    """Hot pixels, sparse maps, far offsets, clusters and narrow spreads: the output to 1e-6 of its scale,
+    the input gradient to 1e-5 of its scale, the running variance to 1e-5, against float64 NumPy; and
+    PyTorch's output and gradient agree with lucid's to within PyTorch's own error."""
+    shape = ADVERSARIAL[kind][dims]
+    x = _adversarial(kind, shape, rng)
+    c = shape[1]
+    w = (1 + 0.5 * rng.standard_normal(c)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    want_y, want_gx, want_var = _float64_reference(x, w, b, g)
+    y, gx, running_var = _lucid_through_kernel(x, w, b, g, channels_last)
+    assert _scaled_error(y, want_y) <= 1e-6
+    assert _scaled_error(gx, want_gx) <= 1e-5
+    np.testing.assert_allclose(running_var, want_var, rtol=1e-5)
+    if not channels_last:
+        torch_out = torch_instance_norm(x, w, b, grad_out=g)
+        for got, want, theirs in ((y, want_y, torch_out["y"]), (gx, want_gx, torch_out["dx"])):
+            theirs = theirs.astype(np.float64)
+            scale = np.max(np.abs(want))
+            assert np.max(np.abs(got - theirs)) <= np.max(np.abs(theirs - want)) + 1e-6 * scale
+
+
+# Row lengths that take each path of the kernel's reductions: one short row (a group of them summed
+# together), a row of whole blocks, and rows with a partial last block (multiples of 16 and of 8 elements
+# are the AVX-512 and AVX2 block sizes).
+_HOT_LENGTHS = (37, 256, 1024, 1000, 4099)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("m", _HOT_LENGTHS)
+def test_a_hot_pixel_anywhere_costs_no_accuracy(rng, m, channels_last):
+    """One value 1e3 in N(0, 1) at the first, last, a middle and a block-boundary position, one instance
+    each, and in a sparse map: the statistics stay exact whichever block or lane it falls in."""
+    positions = sorted({0, m - 1, m // 2, min(m - 1, 512), min(m - 1, 31)})
+    n, c = 2, len(positions) + 1
+    x = rng.standard_normal((n, c, m))
+    for ch, p in enumerate(positions):
+        x[:, ch, p] = 1e3
+    x[:, -1] = np.abs(x[:, -1]) * (rng.random((n, m)) < 0.02)  # sparse, hot in the middle
+    x[:, -1, m // 3] = 1e3
+    x = x.astype(np.float32)
+    w = (1 + 0.5 * rng.standard_normal(c)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    want_y, want_gx, want_var = _float64_reference(x, w, b, g)
+    y, gx, running_var = _lucid_through_kernel(x, w, b, g, channels_last)
+    assert _scaled_error(y, want_y) <= 1e-6
+    assert _scaled_error(gx, want_gx) <= 1e-5
+    np.testing.assert_allclose(running_var, want_var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("kind", ["hot-first", "sparse", "offset", "narrow"])
+def test_bfloat16_statistics_are_exact_too(rng, kind, channels_last):
+    """bfloat16 input is exact in float: the statistics (running variance) keep float32's bound; the
+    output and input gradient, rounded to bfloat16, are within its precision (2^-8) of the scale."""
+    shape = (2, 3, 64, 64)
+    x = np.asarray(jnp.asarray(_adversarial(kind, shape, rng), jnp.bfloat16).astype(jnp.float32))
+    c = shape[1]
+    w = (1 + 0.5 * rng.standard_normal(c)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    g = np.asarray(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16).astype(jnp.float32))
+    want_y, want_gx, want_var = _float64_reference(x, w, b, g)
+    y, gx, running_var = _lucid_through_kernel(x, w, b, g, channels_last, dtype=jnp.bfloat16)
+    assert _scaled_error(y, want_y) <= 2**-8
+    assert _scaled_error(gx, want_gx) <= 2**-7
+    np.testing.assert_allclose(running_var, want_var, rtol=1e-5)
+
+
+def _kernel_forward(x, eps, channels_last, w=None, b=None):
+    """The forward kernel called directly on its (P, N, C, M) / (P, N, M, C) layout: y, mean + residual, var."""
+    c = x.shape[3] if channels_last else x.shape[2]
+    w = jnp.ones(c, jnp.float32) if w is None else w
+    b = jnp.zeros(c, jnp.float32) if b is None else b
+    call = jax.jit(lambda x, w, b: _native.forward_call(x, w, b, eps=eps, channels_last=channels_last))
+    y, mean, residual, var = call(x, w, b)
+    return (np.asarray(y, np.float64), np.asarray(mean, np.float64) + np.asarray(residual, np.float64),
+            np.asarray(var, np.float64))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("layout", ["short-rows", "long-rows", "nhwc"])
+def test_nan_and_inf_poison_their_own_instance_only(rng, layout, dtype):
+    """A NaN or an infinity makes its instance's mean and variance NaN (never a clamped 0); the neighbours
+    in the same group of short rows, the same vector of channels or the same slab are untouched."""
+    channels_last = layout == "nhwc"
+    m = {"short-rows": 9, "long-rows": 1000, "nhwc": 300}[layout]
+    n, c = 2, 40  # channels-last: two whole vectors of channels (AVX2: five) and a tail of 8
+    x = (rng.standard_normal((n, c, m)) * 2 + 3).astype(np.float32)
+    bad = {(0, 3): np.nan, (0, 5): np.inf, (1, 17): -np.inf, (1, 38): np.nan}
+    for (i, ch), v in bad.items():
+        x[i, ch, m // 2] = v
+    x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+    xl = np.moveaxis(x, 1, -1) if channels_last else x
+    y, mean, var = _kernel_forward(jnp.asarray(xl[None], dtype), 1e-5, int(channels_last))
+    y = np.moveaxis(y[0], -1, 1) if channels_last else y[0]
+    mean, var = mean[0], var[0]
+    poisoned = np.zeros((n, c), bool)
+    for key in bad:
+        poisoned[key] = True
+    assert np.all(np.isnan(mean[poisoned])) and np.all(np.isnan(var[poisoned]))
+    clean = np.where(np.isfinite(x), x, 0.0).astype(np.float64)
+    want_mean, want_var = clean.mean(-1), clean.var(-1)
+    np.testing.assert_allclose(mean[~poisoned], want_mean[~poisoned], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(var[~poisoned], want_var[~poisoned], rtol=1e-6)
+    assert np.all(np.isnan(y[poisoned]))
+    want_y = (clean - want_mean[..., None]) / np.sqrt(want_var[..., None] + 1e-5)
+    tol = 2**-7 if dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(y[~poisoned], want_y[~poisoned], rtol=tol, atol=tol * np.max(np.abs(want_y)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("m", [9, 1000])
+def test_eps_zero_constant_instance_normalizes_to_its_bias(rng, m, channels_last):
+    """var + eps = 0 gives r = 0 (as PyTorch's invstd): y is the bias exactly, through the public API."""
+    n, c = 2, 3
+    x = rng.standard_normal((n, c, m)).astype(np.float32)
+    x[0, 1] = 7.25  # constant instances, among normal ones
+    x[1, 2] = -3.0
+    w, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    axis = -1 if channels_last else 1
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1)) if channels_last else x
+    params = {"weight": jnp.asarray(w), "bias": jnp.asarray(b)}
+
+    def forward(x):
+        return F.instance_norm_apply(params, None, x, channel_axis=axis, eps=0.0)[0]
+
+    assert _uses_kernel(forward, xl)
+    y = np.asarray(jax.jit(forward)(xl))
+    y = np.moveaxis(y, -1, 1) if channels_last else y
+    assert np.all(y[0, 1] == b[1]) and np.all(y[1, 2] == b[2])
+    with np.errstate(invalid="ignore"):  # the reference's 0/0 on the constant instances, not compared
+        want = np_instance_norm(x, w, b, eps=0.0)
+    ok = np.ones((n, c), bool)
+    ok[0, 1] = ok[1, 2] = False
+    np.testing.assert_allclose(y[ok], want[ok], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("m", [9, 1000])
+def test_backward_kernel_with_zero_rstd_stays_finite(rng, m, channels_last, dtype):
+    """With r = 0 (var + eps = 0), the backward kernel's gx is the mean's and variance's own part,
+    gm/M + 2 gv (x - mean)/M, finite, and g2 = 0: no coefficient divides by r."""
+    n, c = 2, 3
+    x = np.array(jnp.asarray(rng.standard_normal((n, c, m)), dtype).astype(jnp.float32))
+    x[0, 1] = 4.0  # a constant instance, and the others given r = 0 as well
+    gy = np.asarray(jnp.asarray(rng.standard_normal(x.shape), dtype).astype(jnp.float32))
+    gm, gv = rng.standard_normal((n, c)).astype(np.float32), rng.standard_normal((n, c)).astype(np.float32)
+    mean64 = x.astype(np.float64).mean(-1)
+    mean = mean64.astype(np.float32)
+    residual = (mean64 - mean).astype(np.float32)
+    w = rng.standard_normal(c).astype(np.float32)
+    rstd = np.zeros((n, c), np.float32)
+    xl, gyl = (np.ascontiguousarray(np.moveaxis(v, 1, -1)) if channels_last else v for v in (x, gy))
+    call = jax.jit(lambda *a: _native.backward_call(*a, channels_last=int(channels_last)))
+    gx, g1, g2 = call(*(jnp.asarray(v[None], dtype) for v in (xl, gyl)),
+                      *(jnp.asarray(v[None]) for v in (mean, residual, rstd)), jnp.asarray(w),
+                      *(jnp.asarray(v[None]) for v in (gm, gv)))
+    gx = np.asarray(gx[0], np.float64)
+    gx = np.moveaxis(gx, -1, 1) if channels_last else gx
+    want = (gm[..., None] + 2 * gv[..., None] * (x - mean64[..., None])) / m
+    assert np.all(np.isfinite(gx))
+    tol = 2**-7 if dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(gx, want, rtol=tol, atol=tol * np.max(np.abs(want)))
+    np.testing.assert_allclose(np.asarray(g1[0]), gy.astype(np.float64).sum(-1), rtol=1e-5, atol=1e-4)
+    assert np.all(np.asarray(g2) == 0)
