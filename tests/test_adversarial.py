@@ -7,9 +7,7 @@ float64 for masked gradients) and against PyTorch. The targets, relative to
 the scale (largest magnitude) of the reference: the output within 1e-6, the
 input gradient within 1e-5, the unbiased running variance within 1e-5 of
 itself. A statistic taken around one element far from the mean (a hot first
-pixel) fails them by orders of magnitude; the XLA path meets them everywhere.
-Kernel parametrizations that miss them today are marked ``xfail(strict=True)``,
-so that fixing the kernel flips them and the marks must go.
+pixel) fails them by orders of magnitude; both paths meet them everywhere.
 """
 
 from __future__ import annotations
@@ -187,27 +185,6 @@ def _assert_targets(got, want, *, y_tol=Y_TOL, dx_tol=DX_TOL, rv_tol=RV_TOL, tor
 
 CASES = [(row, dims) for row in ROWS for dims in SHAPES]
 
-#: Whether the default path runs lucid's native kernel here (not with
-#: ``LUCID_NATIVE=0``, nor where it was not built): its misses are expected only then.
-KERNEL_IN_USE = "lucid_instance_norm_forward" in jax.jit(F.instance_norm).lower(jnp.ones((1, 2, 4))).as_text()
-KERNEL_MISS = pytest.mark.xfail(KERNEL_IN_USE, strict=True,
-                                reason="the native kernel centres its sums on the first element (being fixed)")
-
-#: Where the native kernel misses the targets today. Each is a strict xfail, to be removed with the fix.
-KERNEL_MISSES = {
-    ("hot-300-first", "1d"), ("hot-300-first", "2d"), ("hot-300-first", "3d"),
-    ("hot-500-first", "1d"), ("hot-500-first", "2d"), ("hot-500-first", "3d"),
-    ("sparse-relu-1000-first", "1d"), ("sparse-relu-1000-first", "2d"), ("sparse-relu-1000-first", "3d"),
-    ("spread-1e-3-first-minus-50", "1d"), ("spread-1e-3-first-minus-50", "2d"),
-    ("spread-1e-3-first-minus-50", "3d"),
-}
-
-
-def _kernel_param(row, dims, layout="NCHW"):
-    marks = KERNEL_MISS if (row, dims) in KERNEL_MISSES else ()
-    return pytest.param(row, dims, layout, id=f"{row}-{dims}-{layout}", marks=marks)
-
-
 @pytest.mark.parametrize("row, dims", CASES, ids=[f"{r}-{d}" for r, d in CASES])
 def test_xla_path_meets_the_targets(row, dims):
     x, w, b, g = _data(row, dims)
@@ -228,9 +205,9 @@ def test_xla_path_meets_the_targets_channels_last(row):
 
 
 @pytest.mark.parametrize("row, dims, layout", [
-    *(_kernel_param(r, d) for r, d in CASES),
-    *(_kernel_param(r, "2d", "NHWC") for r in ("hot-300-first", "hot-300-last", "offset-1e4")),
-])
+    *((r, d, "NCHW") for r, d in CASES),
+    *((r, "2d", "NHWC") for r in ("hot-300-first", "hot-300-last", "offset-1e4")),
+], ids=lambda v: str(v))
 def test_default_path_meets_the_targets(row, dims, layout):
     """The same rows through lucid's native CPU kernel (the default on CPU)."""
     x, w, b, g = _data(row, dims)
@@ -248,18 +225,9 @@ def test_default_path_meets_the_targets(row, dims, layout):
 #: one ulp of it of the reference's scale (2**-8 for bfloat16, 2**-10 for float16).
 LOW_PRECISION = {"bfloat16": 2.0**-8, "float16": 2.0**-10}
 LOW_PRECISION_ROWS = ["hot-300-first", "hot-300-middle", "hot-300-last", "sparse-relu-1000-first", "clusters-1e4"]
-KERNEL_LOW_PRECISION_MISSES = {"hot-300-first", "sparse-relu-1000-first"}
-
-
-def _low_precision_param(row, dtype, path):
-    missed = path == "default" and dtype == "bfloat16" and row in KERNEL_LOW_PRECISION_MISSES
-    return pytest.param(row, dtype, path, id=f"{row}-{dtype}-{path}", marks=KERNEL_MISS if missed else ())
-
-
-@pytest.mark.parametrize("row, dtype, path", [
-    _low_precision_param(row, dtype, path)
-    for row in LOW_PRECISION_ROWS for dtype in LOW_PRECISION for path in ("xla", "default")
-])
+@pytest.mark.parametrize("path", ["xla", "default"])
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION))
+@pytest.mark.parametrize("row", LOW_PRECISION_ROWS)
 def test_low_precision_inputs(row, dtype, path):
     """float16 never takes the kernel: both of its paths are the XLA path."""
     x, w, b, g = _data(row, "2d")
