@@ -59,16 +59,15 @@ ffi::Error ReadShape(ffi::AnyBuffer::Dimensions dims, int64_t channels_last, Sha
   s->n = dims[r - 3];
   s->c = channels_last ? dims[r - 1] : dims[r - 2];
   s->m = channels_last ? dims[r - 2] : dims[r - 1];
-  s->p = 1;
-  for (int64_t i = 0; i + 3 < r; ++i) s->p *= dims[i];
   s->channels_last = channels_last != 0;
   // With an empty dimension elsewhere, the product of the others is no longer bounded by the
-  // buffer's size: P*C and P*N*C (the sizes the other buffers are checked against) must not overflow.
+  // buffer's size: P, P*C and P*N*C (the sizes the other buffers are checked against) must not overflow.
+  bool overflow = false;
+  s->p = 1;
+  for (int64_t i = 0; i + 3 < r; ++i) overflow |= __builtin_mul_overflow(s->p, dims[i], &s->p);
   int64_t pc, pnc;
-  if (__builtin_mul_overflow(s->p, s->c, &pc) || __builtin_mul_overflow(pc, s->n, &pnc)) {
-    return Invalid("x's dimensions are too large");
-  }
-  return ffi::Error::Success();
+  overflow |= __builtin_mul_overflow(s->p, s->c, &pc) || __builtin_mul_overflow(pc, s->n, &pnc);
+  return overflow ? Invalid("x's dimensions are too large") : ffi::Error::Success();
 }
 
 // The kernels' element types: the dtypes x (and y, gy, gx) may have.

@@ -87,7 +87,9 @@ class _Loaded(NamedTuple):
     paths: tuple[dict, ...]  # the build record's entries
     isa: str | None  # the path registered with XLA, None if none
     cpu_isas: tuple[str, ...]  # the built paths this CPU runs
-    error: str | None  # why no path (or not the requested one) was loaded
+    problem: str | None  # why no path (or not the requested one) was loaded
+    # Whether the problem is a fault worth a warning (not: turned off, or no compiler at install).
+    warn: bool = False
 
 
 def _supported(baseline: ctypes.CDLL, entry: dict) -> bool:
@@ -117,14 +119,17 @@ def _load() -> _Loaded:
             raise OSError("the baseline library, which detects the CPU's features, was not built")
         baseline = ctypes.CDLL(str(_library_path(directory, built[0])), mode=ctypes.RTLD_LOCAL)
         runnable = [e for e in built if _supported(baseline, e)]
+        cpu_isas = tuple(e["isa"] for e in runnable)
         notes = []
         requested = os.environ.get("LUCID_NATIVE_ISA", "")
-        if requested and requested not in {e["isa"] for e in runnable}:
-            why = ("not an instruction-set path of this machine's build " + str(tuple(names)) if requested not in names
-                   else "not built" if requested not in {e["isa"] for e in built} else "not supported by this CPU")
-            notes.append(f"LUCID_NATIVE_ISA={requested}: {why}; using the best path available instead")
+        if requested in cpu_isas:
+            runnable = runnable[:cpu_isas.index(requested) + 1]
         elif requested:
-            runnable = runnable[:[e["isa"] for e in runnable].index(requested) + 1]
+            why = ("not built" if requested in names else
+                   f"not an instruction-set path of this machine's build {tuple(names)}")
+            if requested in {e["isa"] for e in built}:
+                why = "not supported by this CPU"
+            notes.append(f"LUCID_NATIVE_ISA={requested}: {why}; using the best path available instead")
         for entry in reversed(runnable):
             try:
                 library = ctypes.CDLL(str(_library_path(directory, entry)), mode=ctypes.RTLD_LOCAL)
@@ -134,13 +139,12 @@ def _load() -> _Loaded:
                 continue
             jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(forward), platform="cpu")
             jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(backward), platform="cpu")
-            cpu_isas = tuple(e["isa"] for e in built if _supported(baseline, e))
-            return _Loaded(tuple(paths), entry["isa"], cpu_isas, "; ".join(notes) or None)
+            return _Loaded(tuple(paths), entry["isa"], cpu_isas, "; ".join(notes) or None, bool(notes))
         raise OSError("; ".join(notes) or "no path this CPU supports was built")
     # Whatever goes wrong (a corrupt or foreign library, one needing a newer libstdc++ or glibc, a
     # missing symbol), lucid must still import and run: on the XLA path.
     except Exception as e:
-        return _Loaded(tuple(paths), None, (), f"failed to load: {type(e).__name__}: {e}")
+        return _Loaded(tuple(paths), None, (), f"failed to load: {type(e).__name__}: {e}", True)
 
 
 def _build_failures(paths: list[dict]) -> str:
@@ -149,9 +153,9 @@ def _build_failures(paths: list[dict]) -> str:
 
 _LOADED = _load()
 AVAILABLE: bool = _LOADED.isa is not None
-if _LOADED.error is not None and not _LOADED.error.startswith(("not loaded", "not built", "no build record")):
+if _LOADED.warn:
     # Once, at import: the kernel was built (or forced to a path) but the request could not be met.
-    warnings.warn(f"lucid's native CPU kernel: {_LOADED.error}. "
+    warnings.warn(f"lucid's native CPU kernel: {_LOADED.problem}. "
                   + ("Running the XLA path." if not AVAILABLE else f"Running the {_LOADED.isa} path."),
                   RuntimeWarning, stacklevel=2)
 
@@ -215,7 +219,7 @@ def status() -> NativeKernelStatus:
         isas=tuple(e["isa"] for e in _LOADED.paths if e["built"]),
         cpu_isas=_LOADED.cpu_isas,
         disabled_by=disabled_by,
-        problem=_LOADED.error,
+        problem=_LOADED.problem,
         build_messages=messages,
     )
 
@@ -244,7 +248,7 @@ def channel_order(ndim: int, reduce_axes: tuple[int, ...]) -> int | None:
 def _why_not(x, weight, bias, mask, reduce_axes, spatial_axis_name) -> str | None:
     """Why the kernel cannot compute this call, or ``None`` if it can."""
     if not AVAILABLE:
-        return f"the native kernel is not available ({_LOADED.error}; see README: the native CPU kernels)"
+        return f"the native kernel is not available ({_LOADED.problem}; see README: the native CPU kernels)"
     if mask is not None:
         return "masks run on the XLA path"
     if spatial_axis_name is not None:
