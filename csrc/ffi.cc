@@ -16,11 +16,18 @@
 // (16 with AVX-512) from simd.h; the layouts, groups of short rows and channel
 // blocks in layout.h; the threads, XLA's intra-op pool, in threading.h; huge
 // pages for large outputs in memory.h.
+//
+// setup.py compiles these sources once per instruction-set path, each into a
+// library of its own (see simd.h); csrc/exports.map keeps every symbol but
+// the handlers private to its library.
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
+#include <limits>
+#include <string>
 #include <utility>
 
 #include "backward.h"
@@ -42,19 +49,42 @@ __attribute__((visibility("default"))) XLA_FFI_Error* LucidInstanceNormBackward(
 namespace lucid {
 namespace {
 
+ffi::Error Invalid(const char* what) { return ffi::Error::InvalidArgument(std::string("lucid kernel: ") + what); }
+
 // x's shape (see Shape; the attribute channels_last is nonzero for
-// (P, N, M, C)), checked against the weight's size.
-ffi::Error ReadShape(ffi::AnyBuffer::Dimensions dims, int64_t channels_last, int64_t param_size, Shape* s) {
-  if (dims.size() < 3) return ffi::Error::InvalidArgument("lucid kernel: x must have at least 3 dims");
-  int64_t r = dims.size();
+// (P, N, M, C)). Empty dimensions are allowed (see the handlers).
+ffi::Error ReadShape(ffi::AnyBuffer::Dimensions dims, int64_t channels_last, Shape* s) {
+  if (dims.size() < 3) return Invalid("x must have at least 3 dims");
+  const int64_t r = dims.size();
   s->n = dims[r - 3];
   s->c = channels_last ? dims[r - 1] : dims[r - 2];
   s->m = channels_last ? dims[r - 2] : dims[r - 1];
-  s->p = 1;
-  for (int64_t i = 0; i + 3 < r; ++i) s->p *= dims[i];
   s->channels_last = channels_last != 0;
-  if (s->c <= 0 || param_size != s->p * s->c) {
-    return ffi::Error::InvalidArgument("lucid kernel: weight/bias size must be P*C");
+  // With an empty dimension elsewhere, the product of the others is no longer bounded by the
+  // buffer's size: P, P*C and P*N*C (the sizes the other buffers are checked against) must not overflow.
+  bool overflow = false;
+  s->p = 1;
+  for (int64_t i = 0; i + 3 < r; ++i) overflow |= __builtin_mul_overflow(s->p, dims[i], &s->p);
+  int64_t pc, pnc;
+  overflow |= __builtin_mul_overflow(s->p, s->c, &pc) || __builtin_mul_overflow(pc, s->n, &pnc);
+  return overflow ? Invalid("x's dimensions are too large") : ffi::Error::Success();
+}
+
+// The kernels' element types: the dtypes x (and y, gy, gx) may have.
+bool SupportedElementType(ffi::DataType dtype) { return dtype == ffi::F32 || dtype == ffi::BF16; }
+
+// Every buffer is checked against x before the kernels touch memory: the
+// handlers are registered globally, and any ffi_call may reach them with
+// buffers of any shape. Typed float32 buffers have had their dtype checked
+// by XLA's decoder; sizes are checked here.
+ffi::Error CheckLikeX(const ffi::AnyBuffer& x, ffi::DataType dtype, size_t count, const char* what) {
+  if (dtype != x.element_type() || count != x.element_count()) return Invalid(what);
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckSizes(std::initializer_list<size_t> sizes, int64_t expected, const char* what) {
+  for (size_t size : sizes) {
+    if (static_cast<int64_t>(size) != expected) return Invalid(what);
   }
   return ffi::Error::Success();
 }
@@ -66,18 +96,14 @@ Workers PoolWorkers(ffi::ThreadPool& pool) {
           [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); }};
 }
 
-// Calls kernel(T{}) with the element-type tag T (F32 or BF16) of `dtype`.
+// Calls kernel(T{}) with the element-type tag T (F32 or BF16) of `dtype`,
+// one of the SupportedElementType.
 template <typename Kernel>
-ffi::Error WithElementType(ffi::DataType dtype, Kernel&& kernel) {
-  switch (dtype) {
-    case ffi::F32:
-      kernel(F32{});
-      return ffi::Error::Success();
-    case ffi::BF16:
-      kernel(BF16{});
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("lucid kernel: x must be float32 or bfloat16");
+void WithElementType(ffi::DataType dtype, Kernel&& kernel) {
+  if (dtype == ffi::BF16) {
+    kernel(BF16{});
+  } else {
+    kernel(F32{});
   }
 }
 
@@ -87,42 +113,81 @@ typename T::Storage* StorageOf(void* data) {
   return static_cast<typename T::Storage*>(data);
 }
 
+// Empty inputs: nothing is read. With instances but no elements in them
+// (M == 0), the statistics are what their formulas give over an empty set,
+// as in XLA and PyTorch: the forward's mean, residual and variance are 0/0,
+// NaN; the backward's sums g1 and g2 are 0. (lucid's Python layer returns
+// before calling the kernels on empty inputs: this is for direct callers.)
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
                        ffi::Result<ffi::AnyBuffer> y, ffi::ResultBuffer<ffi::F32> mean,
                        ffi::ResultBuffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> var, float eps,
                        int64_t channels_last) {
+  if (!SupportedElementType(x.element_type())) return Invalid("x must be float32 or bfloat16");
   Shape s;
-  if (auto err = ReadShape(x.dimensions(), channels_last, w.element_count(), &s); err.failure()) return err;
-  if (b.element_count() != w.element_count()) return ffi::Error::InvalidArgument("lucid kernel: bias size");
-  if (s.m <= 0) return ffi::Error::Success();
+  if (auto err = ReadShape(x.dimensions(), channels_last, &s); err.failure()) return err;
+  if (auto err = CheckSizes({w.element_count(), b.element_count()}, s.p * s.c, "weight and bias must have P*C elements");
+      err.failure()) {
+    return err;
+  }
+  if (auto err = CheckLikeX(x, y->element_type(), y->element_count(), "y must have x's dtype and size");
+      err.failure()) {
+    return err;
+  }
+  if (auto err = CheckSizes({mean->element_count(), residual->element_count(), var->element_count()},
+                            s.instances(), "mean, residual and var must have P*N*C elements");
+      err.failure()) {
+    return err;
+  }
+  if (s.instances() == 0) return ffi::Error::Success();
+  if (s.m == 0) {
+    for (float* stat : {mean->typed_data(), residual->typed_data(), var->typed_data()}) {
+      std::fill_n(stat, s.instances(), std::numeric_limits<float>::quiet_NaN());
+    }
+    return ffi::Error::Success();
+  }
   const Workers workers = PoolWorkers(pool);
-  return WithElementType(x.element_type(), [&](auto tag) {
+  WithElementType(x.element_type(), [&](auto tag) {
     using T = decltype(tag);
     const ForwardArgs<T> args{StorageOf<T>(x.untyped_data()), w.typed_data(),      b.typed_data(),
                               eps,                            StorageOf<T>(y->untyped_data()),
                               mean->typed_data(),             residual->typed_data(), var->typed_data()};
     Forward<T>(workers, s, args);
   });
+  return ffi::Error::Success();
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, ffi::Buffer<ffi::F32> mean,
                         ffi::Buffer<ffi::F32> residual, ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> w,
                         ffi::Buffer<ffi::F32> gmean, ffi::Buffer<ffi::F32> gvar, ffi::Result<ffi::AnyBuffer> gx,
                         ffi::ResultBuffer<ffi::F32> g1, ffi::ResultBuffer<ffi::F32> g2, int64_t channels_last) {
+  if (!SupportedElementType(x.element_type())) return Invalid("x must be float32 or bfloat16");
   Shape s;
-  if (auto err = ReadShape(x.dimensions(), channels_last, w.element_count(), &s); err.failure()) return err;
-  for (size_t size : {mean.element_count(), residual.element_count(), rstd.element_count(),
-                      gmean.element_count(), gvar.element_count()}) {
-    if (static_cast<int64_t>(size) != s.instances()) {
-      return ffi::Error::InvalidArgument("lucid kernel: statistics must have P*N*C elements");
-    }
+  if (auto err = ReadShape(x.dimensions(), channels_last, &s); err.failure()) return err;
+  if (auto err = CheckSizes({w.element_count()}, s.p * s.c, "weight must have P*C elements"); err.failure()) {
+    return err;
   }
-  if (gy.element_type() != x.element_type() || gy.element_count() != x.element_count()) {
-    return ffi::Error::InvalidArgument("lucid kernel: gy must match x");
+  if (auto err = CheckSizes({mean.element_count(), residual.element_count(), rstd.element_count(),
+                             gmean.element_count(), gvar.element_count(), g1->element_count(), g2->element_count()},
+                            s.instances(), "statistics, their cotangents, g1 and g2 must have P*N*C elements");
+      err.failure()) {
+    return err;
   }
-  if (s.m <= 0) return ffi::Error::Success();
+  if (auto err = CheckLikeX(x, gy.element_type(), gy.element_count(), "gy must have x's dtype and size");
+      err.failure()) {
+    return err;
+  }
+  if (auto err = CheckLikeX(x, gx->element_type(), gx->element_count(), "gx must have x's dtype and size");
+      err.failure()) {
+    return err;
+  }
+  if (s.instances() == 0) return ffi::Error::Success();
+  if (s.m == 0) {
+    std::fill_n(g1->typed_data(), s.instances(), 0.0f);
+    std::fill_n(g2->typed_data(), s.instances(), 0.0f);
+    return ffi::Error::Success();
+  }
   const Workers workers = PoolWorkers(pool);
-  return WithElementType(x.element_type(), [&](auto tag) {
+  WithElementType(x.element_type(), [&](auto tag) {
     using T = decltype(tag);
     const BackwardArgs<T> args{StorageOf<T>(x.untyped_data()),  StorageOf<T>(gy.untyped_data()),
                                mean.typed_data(),               residual.typed_data(),
@@ -132,6 +197,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g
                                g2->typed_data()};
     Backward<T>(workers, s, args);
   });
+  return ffi::Error::Success();
 }
 
 }  // namespace

@@ -58,13 +58,13 @@ inline void ParamIndices(const Shape& s, int64_t r0, int64_t rows, int64_t* pc) 
 
 // ------------------------------------------------------- channels-last --
 
-// Channel blocks per slab for channels-last work: enough units to keep every
-// thread busy, each block a whole number of cache lines wide where possible.
+// Channel blocks per slab for channels-last work: enough units to keep
+// `threads` threads busy, each block a whole number of cache lines wide where possible.
 // (Narrower blocks that would keep a block in cache between the two passes
 // measured slower: strided reads over a slab cost more than re-reading it.)
-inline int64_t ChannelBlocks(const Shape& s) {
+inline int64_t ChannelBlocks(const Shape& s, int64_t threads) {
   const int64_t slabs = s.p * s.n;
-  int64_t blocks = (2 * HardwareThreads() + slabs - 1) / slabs;
+  int64_t blocks = (2 * threads + slabs - 1) / slabs;
   return std::max<int64_t>(1, std::min<int64_t>(blocks, s.c / 16));
 }
 
@@ -93,7 +93,7 @@ struct ChannelBlock {
 // across threads (`bytes` as in ParallelFor).
 template <typename Body>
 void ForEachChannelBlock(const Workers& workers, const Shape& s, int64_t bytes, Body body) {
-  const int64_t blocks = ChannelBlocks(s);
+  const int64_t blocks = ChannelBlocks(s, workers.threads());
   ParallelFor(workers, s.p * s.n * blocks, bytes, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t slab = u / blocks, blk = u % blocks;

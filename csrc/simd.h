@@ -3,7 +3,10 @@
 // stores, bfloat16 conversion, horizontal and transpose sums.
 //
 // Everything ISA-specific sits behind the compiler's target macros
-// (__AVX512F__, __AVX512BF16__): the same source builds for any x86-64 target.
+// (__AVX2__, __AVX512F__, __AVX512BF16__): the same source builds for any
+// target. setup.py compiles it once per instruction-set path (baseline
+// x86-64, AVX2, AVX-512, AVX-512 with BF16; generic elsewhere, NEON on
+// aarch64) into libraries of their own, and lucid loads the one the CPU runs.
 
 #ifndef LUCID_CSRC_SIMD_H_
 #define LUCID_CSRC_SIMD_H_
@@ -14,7 +17,7 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -54,7 +57,8 @@ struct BF16 {
 // ------------------------------------------------------------------ simd --
 
 // A vector of kWidth floats (GCC/Clang vector extensions): one AVX-512
-// register where the build targets it, else one AVX (or two SSE) register.
+// register where the build targets it, else one AVX register (or two SSE or
+// NEON registers).
 #if defined(__AVX512F__)
 constexpr int kWidth = 16;
 #else
@@ -113,6 +117,13 @@ constexpr bool kCanStream = true;
 inline void StreamVec(float* p, int64_t i, Vec v) { _mm512_stream_ps(p + i, reinterpret_cast<__m512>(v)); }
 inline void StreamVec(uint16_t* p, int64_t i, Vec v) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p + i), reinterpret_cast<__m256i>(ToBf16(v)));
+}
+inline void StreamFence() { _mm_sfence(); }
+#elif defined(__AVX2__)
+constexpr bool kCanStream = true;
+inline void StreamVec(float* p, int64_t i, Vec v) { _mm256_stream_ps(p + i, reinterpret_cast<__m256>(v)); }
+inline void StreamVec(uint16_t* p, int64_t i, Vec v) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p + i), reinterpret_cast<__m128i>(ToBf16(v)));
 }
 inline void StreamFence() { _mm_sfence(); }
 #else

@@ -10,22 +10,39 @@
 #include <memory>
 #include <thread>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 namespace lucid {
 
 // Helper threads for ParallelFor: `schedule` runs a task on another thread
 // (in the FFI handlers, XLA's intra-op pool, so lucid starts no threads of its
 // own and shares the cores with the rest of the program), `helpers` says how
 // many may run at once.
+// The CPUs this process may run on, at least 1: its affinity mask where the
+// system has one (taskset, cpusets and container runtimes narrow it; the
+// machine's core count would over-split the work), else the hardware threads.
+// Read once: the pool's threads keep the mask they started with.
+inline int64_t AvailableCpus() {
+  static const int64_t cpus = [] {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max<int64_t>(1, CPU_COUNT(&set));
+#endif
+    return std::max<int64_t>(1, std::thread::hardware_concurrency());
+  }();
+  return cpus;
+}
+
 struct Workers {
   int64_t helpers = 0;
   std::function<void(std::function<void()>)> schedule;
-};
 
-// The machine's hardware threads, at least 1.
-inline int64_t HardwareThreads() {
-  static const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  return threads;
-}
+  // The threads worth splitting work over: the caller and its helpers, no
+  // more than there are CPUs to run them.
+  int64_t threads() const { return std::min<int64_t>(1 + helpers, AvailableCpus()); }
+};
 
 // Runs body(begin, end) over [0, units) in contiguous chunks, claimed from a
 // shared counter by the calling thread and by up to `helpers` tasks. The
@@ -38,7 +55,7 @@ inline int64_t HardwareThreads() {
 template <typename Body>
 void ParallelFor(const Workers& workers, int64_t units, int64_t bytes, Body body) {
   constexpr int64_t kMinBytesPerChunk = int64_t{1} << 18;
-  const int64_t threads = std::min<int64_t>({HardwareThreads(), 1 + workers.helpers, units});
+  const int64_t threads = std::min<int64_t>(workers.threads(), units);
   // One chunk per thread (measured: finer chunks slowed the backward).
   const int64_t chunks = std::min<int64_t>(threads, bytes / kMinBytesPerChunk);
   if (threads <= 1 || chunks <= 1 || !workers.schedule) {

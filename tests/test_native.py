@@ -12,6 +12,8 @@ export).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,12 +38,19 @@ def _apply(x, weight, bias, channel_axis=1, training=True):
 
 
 def test_the_kernel_is_built_and_used_on_cpu():
-    """CI installs with a compiler: a missing kernel is a build failure, not a skip."""
-    assert F.native_kernel_available()
+    """CI installs with a compiler: a missing kernel is a build failure, not a skip. The path running
+    is the one LUCID_NATIVE_ISA asks for (CI runs these tests once per path), else the CPU's best."""
+    status = F.native_kernel_status()
+    assert F.native_kernel_available() and status.enabled and status.loaded and status.built, status
+    assert status.problem is None and status.disabled_by is None, status
+    assert status.isa == os.environ.get("LUCID_NATIVE_ISA", status.cpu_isas[-1]), status
+    assert set(status.cpu_isas) <= set(status.isas) and "baseline" in status.cpu_isas
     x = jnp.ones((2, 3, 4, 5))
     assert _uses_kernel(lambda x: _apply(x, None, None)[0], x)
     with F.pure_xla():
         assert not _uses_kernel(lambda x: _apply(x, None, None)[0], x)
+        assert not F.native_kernel_available()
+        assert F.native_kernel_status().disabled_by == "pure_xla()"
 
 
 CASES = {  # shape, channel_axis, dtype

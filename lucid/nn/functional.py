@@ -23,18 +23,62 @@ from .._arrays import _is_torch_tensor
 from . import _checks, _native, _normalize, _running
 from ._stats import NormConfig
 
-__all__ = ["instance_norm", "instance_norm_init", "instance_norm_apply", "pure_xla", "native_kernel_available"]
+__all__ = [
+    "instance_norm", "instance_norm_init", "instance_norm_apply", "pure_xla", "native_kernel_available",
+    "native_kernel_status", "NativeKernelStatus",
+]
 
 Params = dict[str, jax.Array]
 Stats = dict[str, jax.Array]
 Implementation = Literal["xla", "native"] | None
 
 pure_xla = _native.pure_xla
+NativeKernelStatus = _native.NativeKernelStatus
 
 
 def native_kernel_available() -> bool:
-    """Whether lucid's native CPU kernel was built at install time (see ``pure_xla``)."""
-    return _native.AVAILABLE
+    """Whether calls traced now run lucid's native CPU kernel where it applies.
+
+    True when the kernel is loaded and not turned off: ``False`` without a
+    build, when its library failed to load, under ``LUCID_NATIVE=0``, and
+    inside ``pure_xla()``. :func:`native_kernel_status` says which.
+
+    Returns:
+        Whether the kernel is enabled now.
+
+    Example:
+        >>> import lucid.nn.functional as F
+        >>> with F.pure_xla():
+        ...     F.native_kernel_available()
+        False
+    """
+    return _native.enabled()
+
+
+def native_kernel_status() -> NativeKernelStatus:
+    """The native CPU kernel's state: built, loaded, enabled, and which instruction-set path runs.
+
+    One build carries the kernel for several instruction sets (x86-64:
+    ``baseline``, ``avx2``, ``avx512``, ``avx512bf16``); the best one this CPU
+    runs is loaded at import, or the one ``LUCID_NATIVE_ISA`` asks for.
+
+    Returns:
+        A frozen :class:`NativeKernelStatus`: ``enabled``, ``isa`` (the path
+        running), ``loaded``, ``built``, ``isas`` (the paths built),
+        ``cpu_isas`` (those this CPU runs), ``disabled_by``
+        (``"LUCID_NATIVE=0"``, ``"pure_xla()"``), ``problem`` (why not
+        loaded, or not the path asked for) and ``build_messages`` (the
+        compiler's errors and warnings at build time).
+
+    Example:
+        >>> import lucid.nn.functional as F
+        >>> status = F.native_kernel_status()
+        >>> status.enabled == F.native_kernel_available()
+        True
+        >>> status.isa is None or status.isa in status.cpu_isas
+        True
+    """
+    return _native.status()
 
 
 def _channel_shaped(v: jax.Array | None, ndim: int, channel_axis: int) -> jax.Array | None:
