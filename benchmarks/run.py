@@ -37,7 +37,9 @@ anew;
 
 Also reported: the temporary memory of each compiled JAX forward+backward (from
 XLA's ``memory_analysis()``, in multiples of the input size) and the accuracy
-on data with mean 1e4 and unit spread against a float64 NumPy reference.
+on data with mean 1e4 and unit spread, and on the adversarial rows the tests
+check (``tests/adversarial_data.py``: hot pixels, sparse maps, clusters), against
+a float64 NumPy reference.
 
 Writes ``latest.md`` and ``latest.png`` to ``--out`` (default
 ``benchmarks/results``); a full run into the default directory also refreshes
@@ -50,6 +52,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import importlib.util
 import math
 import os
 import platform
@@ -131,6 +134,8 @@ EPS = 1e-5
 TARGET_X_COPY = {"forward": 1.3, "forward+backward": 3.5}
 TARGET_TEMP_X_INPUT = 1.0
 TARGET_ERROR = 1e-4
+#: lucid's largest (y, dx) errors on the adversarial rows, relative to the reference's scale.
+TARGET_ADVERSARIAL = (1e-6, 1e-5)
 
 Bench = Callable[[], object]
 
@@ -330,14 +335,14 @@ def _reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, g: np.ndarray) -> tu
     return xhat * w + b, dx
 
 
-def accuracy(shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
-    """Max abs error of ``(y, dx)`` per contender on float32 input ``N(0, 1) + 1e4``."""
-    rng = np.random.default_rng(1)
-    case = Case(shape)
-    x = (rng.standard_normal(shape) + 1e4).astype(np.float32)
-    w = (1 + 0.5 * rng.standard_normal(shape[1])).astype(np.float32)
-    b = rng.standard_normal(shape[1]).astype(np.float32)
-    g = rng.standard_normal(shape).astype(np.float32)
+def _errors(x: np.ndarray, w: np.ndarray, b: np.ndarray, g: np.ndarray,
+            programs: dict[str, Callable] | None = None) -> dict[str, tuple[float, float]]:
+    """Max abs error of ``(y, dx)`` per contender on float32 ``(N, C, *spatial)`` data, against float64 NumPy.
+
+    ``programs`` caches the jitted JAX programs by contender and shape (reused across data of one shape).
+    """
+    programs = {} if programs is None else programs
+    case = Case(x.shape)
     inputs = Inputs(x, w, b, g)
     y_ref, dx_ref = _reference(x, w, b, g)
 
@@ -350,7 +355,8 @@ def accuracy(shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
     out = {}
     for who, context in (("lucid", contextlib.nullcontext), ("lucid XLA", F.pure_xla)):
         with context():
-            y, (dx, _, _) = jax.jit(lucid_forward_backward(case))(*lucid_arrays(case, inputs))
+            program = programs.setdefault((who, x.shape), jax.jit(lucid_forward_backward(case)))
+            y, (dx, _, _) = program(*lucid_arrays(case, inputs))
         out[who] = error(y, dx)
 
     xt = torch.from_numpy(x).requires_grad_()
@@ -364,7 +370,53 @@ def accuracy(shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
         y, pullback = jax.vjp(layer.apply, variables, x)
         return y, pullback(g)[1]
 
-    out["Flax"] = error(*jax.jit(flax_forward_backward)(variables, xf, gf), to_nchw=True)
+    program = programs.setdefault(("Flax", x.shape), jax.jit(flax_forward_backward))
+    out["Flax"] = error(*program(variables, xf, gf), to_nchw=True)
+    return out
+
+
+def accuracy(shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
+    """Max abs error of ``(y, dx)`` per contender on float32 input ``N(0, 1) + 1e4``."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) + 1e4).astype(np.float32)
+    w = (1 + 0.5 * rng.standard_normal(shape[1])).astype(np.float32)
+    b = rng.standard_normal(shape[1]).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    return _errors(x, w, b, g)
+
+
+#: The adversarial rows of the accuracy table: (label, row of ``adversarial_data``, its dimensions).
+ADVERSARIAL_ROWS = (
+    ("N(0,1), first pixel 300", "hot-300-first", "2d"),
+    ("N(0,1), last pixel 300", "hot-300-last", "2d"),
+    ("sparse post-ReLU map (1% non-zero), first pixel 1000", "sparse-relu-1000-first", "2d"),
+    ("N(0,1) + 1e4", "offset-1e4", "2d"),
+    ("two clusters at ±1e4", "clusters-1e4", "2d"),
+    ("spread 1e-3 around 1, first pixel -50 (64x64)", "spread-1e-3-first-minus-50", "2d"),
+    ("(2,3,4000), first element 500", "hot-500-first", "1d"),
+    ("(2,3,16,32,32), first voxel 300", "hot-300-first", "3d"),
+)
+
+
+def _adversarial_data():
+    """``tests/adversarial_data.py``: the rows the accuracy tests check, loaded from its file."""
+    spec = importlib.util.spec_from_file_location("adversarial_data", ROOT / "tests" / "adversarial_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def adversarial_accuracy() -> dict[str, dict[str, tuple[float, float]]]:
+    """Per row, per contender: the ``(y, dx)`` errors relative to the reference's largest magnitude."""
+    make_data = _adversarial_data().make_data
+    programs: dict = {}
+    out = {}
+    for label, row, dims in ADVERSARIAL_ROWS:
+        x, w, b, g = (a.astype(np.float32) for a in make_data(row, dims))
+        y_ref, dx_ref = _reference(x, w, b, g)
+        scale = np.abs(y_ref).max(), np.abs(dx_ref).max()
+        errors = _errors(x, w, b, g, programs)
+        out[label] = {who: (e[0] / scale[0], e[1] / scale[1]) for who, e in errors.items()}
     return out
 
 
@@ -431,7 +483,13 @@ def accuracy_table(errors: dict[str, tuple[float, float]]) -> str:
     return _table(["max abs error", *CONTENDERS], rows)
 
 
-def target_lines(results: list[CaseResult], errors: dict[str, tuple[float, float]]) -> list[str]:
+def adversarial_table(errors: dict[str, dict[str, tuple[float, float]]]) -> str:
+    rows = [[label, *(f"{row[who][0]:.1e} / {row[who][1]:.1e}" for who in CONTENDERS)] for label, row in errors.items()]
+    return _table(["float32 input, (2,3,256,256) unless noted", *CONTENDERS], rows)
+
+
+def target_lines(results: list[CaseResult], errors: dict[str, tuple[float, float]],
+                 adversarial: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
     """One line per target, ``met`` or the cases that miss it."""
 
     def verdict(misses: list[str]) -> str:
@@ -467,6 +525,11 @@ def target_lines(results: list[CaseResult], errors: dict[str, tuple[float, float
         y_err, dx_err = errors[who]
         inaccurate = [f"{what} ({e:.1e})" for what, e in (("y", y_err), ("dx", dx_err)) if e > TARGET_ERROR]
         lines.append(f"{who} error ≤ {TARGET_ERROR:g} at mean 1e4: {verdict(inaccurate)}")
+    for who in ("lucid", "lucid XLA"):
+        missed = [f"{label} ({row[who][0]:.1e} / {row[who][1]:.1e})" for label, row in adversarial.items()
+                  if row[who][0] > TARGET_ADVERSARIAL[0] or row[who][1] > TARGET_ADVERSARIAL[1]]
+        lines.append(f"{who} adversarial rows within {TARGET_ADVERSARIAL[0]:g} (y) / {TARGET_ADVERSARIAL[1]:g} (dx) "
+                     f"of scale: {verdict(missed)}")
     return lines
 
 
@@ -479,7 +542,7 @@ ALLOCATOR_NOTES = {
 
 
 def markdown(results: list[CaseResult], errors: dict[str, tuple[float, float]], accuracy_shape: tuple[int, ...],
-             repeats: int, level: int = 2) -> str:
+             adversarial: dict[str, dict[str, tuple[float, float]]], repeats: int, level: int = 2) -> str:
     """The report's body (no title); ``level`` is the heading level of its sections."""
     h = "#" * level
     large = ", ".join(r.case.label for r in results if r.case.large) or "none"
@@ -513,9 +576,17 @@ def markdown(results: list[CaseResult], errors: dict[str, tuple[float, float]], 
         "",
         accuracy_table(errors),
         "",
+        f"{h} Accuracy on adversarial data",
+        "",
+        "Errors of the output / the input gradient, relative to the largest magnitude of the float64 NumPy "
+        "reference's (random weight, bias and cotangent). A hot pixel is at that position in every instance. "
+        "Statistics taken around one element far from the mean cancel on these; lucid's do not, on either path.",
+        "",
+        adversarial_table(adversarial),
+        "",
         f"{h} Targets",
         "",
-        *(f"- {line}" for line in target_lines(results, errors)),
+        *(f"- {line}" for line in target_lines(results, errors, adversarial)),
         "",
     ])
 
@@ -589,15 +660,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timing {case.label} ...", file=sys.stderr, flush=True)
         results.append(run_case(case, repeats, batch_seconds))
     errors = accuracy(accuracy_shape)
+    print("measuring accuracy on adversarial data ...", file=sys.stderr, flush=True)
+    adversarial = adversarial_accuracy()
 
-    report = "# Instance norm benchmark\n\n" + markdown(results, errors, accuracy_shape, repeats)
+    report = "# Instance norm benchmark\n\n" + markdown(results, errors, accuracy_shape, adversarial, repeats)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(report)
     bar_chart(results, args.out / "latest.png")
     print(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.png'}", file=sys.stderr)
     if not args.quick and not args.no_readme and args.out.resolve() == DEFAULT_OUT:
-        section = markdown(results, errors, accuracy_shape, repeats, level=3)
+        section = markdown(results, errors, accuracy_shape, adversarial, repeats, level=3)
         section += "\n![lucid, lucid XLA, PyTorch and Flax in multiples of a copy](benchmarks/results/latest.png)\n"
         if update_readme(section):
             print(f"updated the results section of {README}", file=sys.stderr)

@@ -374,9 +374,18 @@ inline void RowMoments(const typename T::Storage* x, int64_t m, double* mean, do
 }
 
 // RowMoments for `rows` consecutive rows of m elements (a group, see
-// RowGroup). Rows up to kBlock long are one block each, centred on their own
-// float mean (two passes), and go kWidth rows at a time, each pass summed
-// with TransposeSum (see GroupSums).
+// RowGroup). Rows up to kBlock long are one block each and go kWidth rows at
+// a time, each pass summed with TransposeSum (see GroupSums). Such a row is
+// in L1, and short: one pass centred on its first element x0 usually
+// suffices, and whether it did is known from its result. With d = x - x0,
+// sum(d^2) = m2 + m (mean - x0)^2, so where m (mean - x0)^2 <= 4 m2 the float
+// sums round no worse than those of a block centred on a nearby shift (at
+// most 5 m2, the bound of RowMoments' later blocks). A row that fails the
+// test (its first element far from its mean: a hot first pixel; or a NaN or
+// an infinity, whose comparisons are false) takes a second pass centred on the
+// mean the first gave, which is near it whatever the data.
+constexpr double kMaxShiftSpread = 4.0;
+
 template <typename T>
 inline void GroupMoments(const typename T::Storage* x, int64_t m, int64_t rows, double* mean, double* m2) {
   if (m > kBlock) {
@@ -389,22 +398,29 @@ inline void GroupMoments(const typename T::Storage* x, int64_t m, int64_t rows, 
     const typename T::Storage* xg = x + j0 * m;
     const int64_t count = std::min<int64_t>(kWidth, rows - j0);
     Vec u[kWidth], v[kWidth];
-    for (int64_t j = count; j < kWidth; ++j) u[j] = Vec{};
-    for (int64_t j = 0; j < count; ++j) Partials<2, T>(xg + j * m, xg + j * m, m, SumOfX{}, &u[j], &v[j]);
     float shift[kWidth], f1[kWidth], f2[kWidth];
-    const Vec s = TransposeSum(u) / static_cast<float>(m);
-    std::memcpy(shift, &s, sizeof(shift));
-    // TransposeSum works in place: the unused rows' slots are zeroed again.
     for (int64_t j = count; j < kWidth; ++j) u[j] = v[j] = Vec{};
     for (int64_t j = 0; j < count; ++j) {
+      shift[j] = T::Load(xg + j * m, 0);
       Partials<2, T>(xg + j * m, xg + j * m, m, Deviations<float>{shift[j]}, &u[j], &v[j]);
     }
     const Vec t1 = TransposeSum(u), t2 = TransposeSum(v);
     std::memcpy(f1, &t1, sizeof(f1));
     std::memcpy(f2, &t2, sizeof(f2));
     for (int64_t j = 0; j < count; ++j) {
-      mean[j0 + j] = m2[j0 + j] = 0.0;
-      MergeBlock<double>(shift[j], f1[j], f2[j], inv_m, w, &mean[j0 + j], &m2[j0 + j]);
+      const double sd = f1[j], sd2 = f2[j], off = sd * sd * inv_m;  // off = m (mean - x0)^2
+      double* row_mean = &mean[j0 + j];
+      double* row_m2 = &m2[j0 + j];
+      *row_mean = *row_m2 = 0.0;
+      if (off <= kMaxShiftSpread * (sd2 - off)) {
+        MergeBlock<double>(shift[j], sd, sd2, inv_m, w, row_mean, row_m2);
+        continue;
+      }
+      const typename T::Storage* row = xg + j * m;
+      const float near = shift[j] + static_cast<float>(sd * inv_m);
+      Vec s, s2;
+      Partials<2, T>(row, row, m, Deviations<float>{near}, &s, &s2);
+      MergeBlock<double>(near, HorizontalSum(s), HorizontalSum(s2), inv_m, w, row_mean, row_m2);
     }
   }
 }

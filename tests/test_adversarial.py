@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from adversarial_data import ROWS, SHAPES, make_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import AxisType, NamedSharding
@@ -29,69 +30,6 @@ import lucid.nn.functional as F
 EPS = 1e-5
 Y_TOL, DX_TOL, RV_TOL = 1e-6, 1e-5, 1e-5  # float32 targets, relative to the reference's scale
 
-SHAPES = {"1d": (2, 3, 4000), "2d": (2, 3, 256, 256), "3d": (2, 3, 16, 32, 32)}
-
-
-# --------------------------------------------------------------------------
-# The data: float64 values, rounded to the input dtype by the tests
-# --------------------------------------------------------------------------
-
-
-def _at(x: np.ndarray, where: str, value: float) -> np.ndarray:
-    """``x`` with ``value`` at the first, middle or last spatial element of every instance."""
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
-    flat[..., {"first": 0, "middle": flat.shape[-1] // 2 + 3, "last": -1}[where]] = value
-    return x
-
-
-def _hot(value: float, where: str):
-    return lambda rng, shape: _at(rng.standard_normal(shape), where, value)
-
-
-def _sparse_relu(value: float, where: str):
-    """A post-ReLU activation map with 1% non-zero elements, and one hot element."""
-    def make(rng, shape):
-        x = np.maximum(rng.standard_normal(shape), 0) * (rng.uniform(size=shape) < 0.01)
-        return _at(x, where, value)
-    return make
-
-
-def _offset(rng, shape):
-    return rng.standard_normal(shape) + 1e4
-
-
-def _clusters(rng, shape):
-    return rng.standard_normal(shape) + np.where(rng.uniform(size=shape) < 0.5, 1e4, -1e4)
-
-
-def _narrow_spread(rng, shape):
-    """Spread 1e-3 around 1.0, the first element at -50."""
-    return _at(1.0 + 1e-3 * rng.standard_normal(shape), "first", -50.0)
-
-
-ROWS = {
-    "hot-300-first": _hot(300.0, "first"),
-    "hot-300-middle": _hot(300.0, "middle"),
-    "hot-300-last": _hot(300.0, "last"),
-    "hot-500-first": _hot(500.0, "first"),
-    "sparse-relu-1000-first": _sparse_relu(1000.0, "first"),
-    "sparse-relu-1000-middle": _sparse_relu(1000.0, "middle"),
-    "offset-1e4": _offset,
-    "clusters-1e4": _clusters,
-    "spread-1e-3-first-minus-50": _narrow_spread,
-}
-#: The narrow spread is a 64x64 image in 2D, as measured in the benchmark's table.
-SHAPE_OF_ROW = {("spread-1e-3-first-minus-50", "2d"): (2, 3, 64, 64)}
-
-
-def _data(row: str, dims: str, seed: int = 0):
-    """``(x, weight, bias, g)`` as float64, channels-first; ``g`` is the output cotangent."""
-    rng = np.random.default_rng(seed)
-    shape = SHAPE_OF_ROW.get((row, dims), SHAPES[dims])
-    x = ROWS[row](rng, shape)
-    c = shape[1]
-    w, b = rng.normal(size=c) + 0.5, rng.normal(size=c)
-    return x, w, b, rng.standard_normal(shape)
 
 
 # --------------------------------------------------------------------------
@@ -187,7 +125,7 @@ CASES = [(row, dims) for row in ROWS for dims in SHAPES]
 
 @pytest.mark.parametrize("row, dims", CASES, ids=[f"{r}-{d}" for r, d in CASES])
 def test_xla_path_meets_the_targets(row, dims):
-    x, w, b, g = _data(row, dims)
+    x, w, b, g = make_data(row, dims)
     x32, g32 = (a.astype(np.float32).astype(np.float64) for a in (x, g))  # the values lucid sees
     want = _numpy_reference(x32, w.astype(np.float32), b.astype(np.float32), g32)
     got = _lucid(x32, w, b, g32, pure_xla=True)
@@ -198,7 +136,7 @@ def test_xla_path_meets_the_targets(row, dims):
                                  "clusters-1e4", "spread-1e-3-first-minus-50"])
 def test_xla_path_meets_the_targets_channels_last(row):
     """``channel_axis=-1``: the statistics run over the channels-last array itself."""
-    x, w, b, g = _data(row, "2d")
+    x, w, b, g = make_data(row, "2d")
     x32, g32 = (a.astype(np.float32).astype(np.float64) for a in (x, g))
     want = _numpy_reference(x32, w.astype(np.float32), b.astype(np.float32), g32)
     _assert_targets(_lucid(x32, w, b, g32, pure_xla=True, channel_axis=-1), want)
@@ -210,7 +148,7 @@ def test_xla_path_meets_the_targets_channels_last(row):
 ], ids=lambda v: str(v))
 def test_default_path_meets_the_targets(row, dims, layout):
     """The same rows through lucid's native CPU kernel (the default on CPU)."""
-    x, w, b, g = _data(row, dims)
+    x, w, b, g = make_data(row, dims)
     x32, g32 = (a.astype(np.float32).astype(np.float64) for a in (x, g))
     want = _numpy_reference(x32, w.astype(np.float32), b.astype(np.float32), g32)
     got = _lucid(x32, w, b, g32, pure_xla=False, channel_axis=-1 if layout == "NHWC" else 1)
@@ -230,7 +168,7 @@ LOW_PRECISION_ROWS = ["hot-300-first", "hot-300-middle", "hot-300-last", "sparse
 @pytest.mark.parametrize("row", LOW_PRECISION_ROWS)
 def test_low_precision_inputs(row, dtype, path):
     """float16 never takes the kernel: both of its paths are the XLA path."""
-    x, w, b, g = _data(row, "2d")
+    x, w, b, g = make_data(row, "2d")
     x_in, g_in = (np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64) for a in (x, g))
     want = _numpy_reference(x_in, w.astype(np.float32), b.astype(np.float32), g_in)
     got = _lucid(x_in, w, b, g_in, pure_xla=path == "xla", dtype=jnp.dtype(dtype))
@@ -293,7 +231,7 @@ def test_masked_padding_at_the_start_with_outliers(hot):
 
 
 def _split_problem(row):
-    x, w, b, g = _data(row, "2d")
+    x, w, b, g = make_data(row, "2d")
     x, g = x[:, :, :64, :16], g[:, :, :64, :16]  # 64 rows: 8 bands of 8, the hot pixel in the first band
     x32, g32 = (a.astype(np.float32).astype(np.float64) for a in (x, g))
     return x32, w, b, g32, _numpy_reference(x32, w.astype(np.float32), b.astype(np.float32), g32)
@@ -338,7 +276,7 @@ def test_spatial_axis_sharded_under_jit(axis_type):
 
 
 def test_float64_under_x64_stays_exact_around_a_hot_pixel():
-    x, w, b, g = _data("hot-300-first", "2d")
+    x, w, b, g = make_data("hot-300-first", "2d")
     want = _numpy_reference(x, w, b, g)
     with jax.enable_x64(True):
         got = _lucid(x, w, b, g, pure_xla=False, dtype=jnp.float64)  # float64 always takes the XLA path

@@ -443,7 +443,7 @@ def test_kernel_statistics_are_exact_on_adversarial_data(rng, kind, dims, channe
 # Row lengths that take each path of the kernel's reductions: one short row (a group of them summed
 # together), a row of whole blocks, and rows with a partial last block (multiples of 16 and of 8 elements
 # are the AVX-512 and AVX2 block sizes).
-_HOT_LENGTHS = (37, 256, 1024, 1000, 4099)
+_HOT_LENGTHS = (9, 37, 64, 256, 1024, 1000, 4099)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -464,6 +464,26 @@ def test_a_hot_pixel_anywhere_costs_no_accuracy(rng, m, channels_last):
     g = rng.standard_normal(x.shape).astype(np.float32)
     want_y, want_gx, want_var = _float64_reference(x, w, b, g)
     y, gx, running_var = _lucid_through_kernel(x, w, b, g, channels_last)
+    assert _scaled_error(y, want_y) <= 1e-6
+    assert _scaled_error(gx, want_gx) <= 1e-5
+    np.testing.assert_allclose(running_var, want_var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m", [9, 37, 64, 200, 256])
+def test_short_rows_with_a_far_first_element_take_the_second_pass(rng, m):
+    """Short rows are summed around their first element when that is near their mean, and summed again
+    around the mean otherwise. Here the first element is the one far value of a row offset by 1e4 (so
+    (x0 - mean)^2 is about m times the variance): centred on it, the float sums would lose
+    digits the targets need."""
+    x = rng.standard_normal((4, 5, m)) + 1e4
+    x[:, :, 0] += 300.0
+    x[1, 2] = rng.standard_normal(m) + 1e4  # a row that passes the first test, among rows that fail it
+    x = x.astype(np.float32)
+    w = (1 + 0.5 * rng.standard_normal(5)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    want_y, want_gx, want_var = _float64_reference(x, w, b, g)
+    y, gx, running_var = _lucid_through_kernel(x, w, b, g, channels_last=False)
     assert _scaled_error(y, want_y) <= 1e-6
     assert _scaled_error(gx, want_gx) <= 1e-5
     np.testing.assert_allclose(running_var, want_var, rtol=1e-5)
