@@ -40,7 +40,7 @@ def is_traced(value: Any) -> bool:
 
 
 def _is_torch_tensor(value: Any) -> bool:
-    return hasattr(value, "detach") and hasattr(value, "numpy") and hasattr(value, "dtype")
+    return all(hasattr(value, name) for name in ("detach", "cpu", "numpy", "dtype"))
 
 
 def _torch_to_numpy(value: Any) -> np.ndarray:

@@ -224,6 +224,12 @@ def _may_hold(tensor: Tensor, value: Any) -> bool:
     return StateScope.covering(id(tensor)) is not None
 
 
+def _may_keep_grad(tensor: Tensor, grad: Any) -> bool:
+    """Whether ``grad`` may be stored in ``tensor.grad``: as :func:`_may_hold`, but no scope covers
+    ``.grad`` (it is never scoped), so a tracer only in a Tensor made inside the transformation."""
+    return not is_traced(grad) or is_traced(tensor._data)
+
+
 _LOCK_GUARD = threading.Lock()
 
 
@@ -495,7 +501,7 @@ class Tensor:
                 raise ValueError(f"assigned grad has shape {value.shape}, the Tensor has shape {self.shape}.")
             if value.dtype != self.dtype:
                 raise TypeError(f"assigned grad has dtype {value.dtype}, the Tensor has dtype {self.dtype}.")
-            if not _may_hold(self, _value(value)):
+            if not _may_keep_grad(self, _value(value)):
                 raise TypeError("cannot assign a traced gradient to a Tensor made outside the transformation. "
                                 + _CALL_HINT)
         self._grad = value
@@ -877,7 +883,7 @@ class Tensor:
                 else:
                     previous = cotangents.get(id(edge))
                     cotangents[id(edge)] = pg if previous is None else previous + pg
-        if not all(_may_hold(leaf, g) for leaf, g in leaf_grads.values()):
+        if not all(_may_keep_grad(leaf, g) for leaf, g in leaf_grads.values()):
             raise TypeError(
                 "backward() inside a JAX transformation would store a traced gradient in the "
                 ".grad of a Tensor that lives outside it (a leaked tracer). Use jax.grad on a "

@@ -7,6 +7,7 @@ import pytest
 import torch
 from oracles import np_instance_norm, ref_instance_norm, torch_instance_norm
 
+import lucid
 import lucid.nn.functional as F
 
 SHAPES = {"1d": (3, 4, 7), "2d": (2, 3, 5, 6), "3d": (2, 3, 3, 4, 5)}
@@ -272,6 +273,12 @@ BAD_CALLS = [
      "num_batches_tracked"),
     ("unknown implementation", lambda: F.instance_norm_apply({}, {}, X, implementation="cuda"), ValueError,
      "implementation"),
+    ("unknown implementation in eval", lambda: F.instance_norm_apply({}, STATS, X, training=False,
+                                                                     implementation="cuda"), ValueError,
+     "implementation"),
+    ("a lucid.Tensor to the pure API",
+     lambda: F.instance_norm_apply({}, {}, lucid.Tensor(np.ones((2, 3, 4)), requires_grad=True)),
+     TypeError, "must be an array, got Tensor"),
 ]
 
 

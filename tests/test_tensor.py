@@ -11,6 +11,7 @@ import torch
 from oracles import torch_instance_norm
 
 import lucid
+import lucid.nn as nn
 import lucid.nn.functional as F
 from lucid import Tensor, no_grad
 
@@ -376,6 +377,24 @@ def test_tensors_are_transparent_to_jax_transformations():
 
     np.testing.assert_allclose(jax.grad(f)(jnp.array([1.0, 2.0])), [6.0, 12.0])
     np.testing.assert_allclose(jax.jit(f)(jnp.array([1.0, 2.0])), 15.0)
+
+
+def test_a_traced_grad_assigned_inside_functional_call_is_refused():
+    """A scope covers a module's parameter values during functional_call, never their ``.grad``:
+    assigning a traced gradient there would leak the tracer past the call."""
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(Tensor(np.ones(3, np.float32)))
+
+        def forward(self, x):
+            self.w.grad = Tensor(self.w.data * x)
+            return x
+
+    m = Leaky()
+    with pytest.raises(TypeError, match="traced gradient"):
+        jax.jit(lambda p, x: m.functional_call(p, {}, x, training=True))({"w": jnp.ones(3)}, jnp.ones(3))
+    assert m.w.grad is None
 
 
 def test_backward_inside_jit_refuses_to_leak_a_tracer_into_grad():

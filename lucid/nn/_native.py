@@ -263,6 +263,12 @@ def _why_not(x, weight, bias, mask, reduce_axes, spatial_axis_name) -> str | Non
     return None
 
 
+def check_implementation(implementation: object) -> None:
+    """``implementation`` is one of :data:`IMPLEMENTATIONS`, else a ``ValueError``."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+
+
 def applies(x, weight, bias, mask, reduce_axes, spatial_axis_name, implementation) -> bool:
     """Whether the kernel computes this call (static: decided once, at trace time).
 
@@ -270,8 +276,7 @@ def applies(x, weight, bias, mask, reduce_axes, spatial_axis_name, implementatio
     it applies (unless ``pure_xla()`` or ``LUCID_NATIVE=0``), ``"xla"``
     never, ``"native"`` always, raising ``ValueError`` where it cannot.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+    check_implementation(implementation)
     if implementation == "xla" or (implementation is None and not enabled()):
         return False
     reason = _why_not(x, weight, bias, mask, reduce_axes, spatial_axis_name)

@@ -109,9 +109,7 @@ def _tangent_formula(x, mean, residual, rstd, weight, dx, dweight, dbias, *, cha
     def per_channel_or_instance(v):
         return per_instance(v) if v.ndim == 3 else _per_channel(v, channels_last)
 
-    count = jnp.asarray(x.shape[spatial], rstd.dtype)
-    if spatial_axis_name is not None:
-        count = count * jax.lax.psum(1, spatial_axis_name)
+    count = _stats.valid_count(x, None, config, rstd.dtype)
     dy, dmean, dvar = _stats.instance_tangent(
         config, x, per_instance(mean), per_instance(residual), per_instance(rstd), count,
         _per_channel(weight, channels_last), None, dx, per_channel_or_instance(dweight), per_channel_or_instance(dbias),

@@ -234,6 +234,7 @@ def instance_norm_apply(
     _checks.check_axis_name(axis_name, "axis_name")
     _checks.check_axis_name(spatial_axis_name, "spatial_axis_name")
     spatial = tuple(a for a in range(x.ndim) if a not in (0, channel))
+    _native.check_implementation(implementation)
     use_instance_stats = training or not checked_stats
     if use_instance_stats:
         _checks.check_spatial_size(tuple(x.shape), spatial, spatial_axis_name)
@@ -353,8 +354,7 @@ def instance_norm(
             "momentum=None (cumulative moving average) needs a batch count; use "
             "instance_norm_apply with stats from instance_norm_init, or an InstanceNorm module."
         )
-    if training and any(_is_torch_tensor(v) and not hasattr(type(v), "__lucid_function__")
-                        for v in (running_mean, running_var)):
+    if training and any(_is_torch_tensor(v) for v in (running_mean, running_var)):
         raise TypeError(
             "running_mean/running_var are torch.Tensors, which lucid reads but cannot update in place. "
             "Pass lucid.Tensor(running_mean) and lucid.Tensor(running_var) to have them updated in place "
