@@ -66,8 +66,13 @@ def _ffi_include_dir() -> str | None:
     return str(pathlib.Path(next(iter(spec.submodule_search_locations))) / "include")
 
 
+def _sanitizing() -> bool:
+    """``LUCID_SANITIZE=1``: an AddressSanitizer and UBSan build (see tools/sanitize.sh)."""
+    return os.environ.get("LUCID_SANITIZE", "0") != "0"
+
+
 def _optimization_flags() -> list[str]:
-    if os.environ.get("LUCID_SANITIZE", "0") != "0":
+    if _sanitizing():
         return ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
     # No debug information (Python's own CFLAGS ask for it): four copies of it would triple the wheel.
     return ["-O3", "-g0"]
@@ -84,7 +89,7 @@ class IsaExtension(Extension):
             # Without AVX, GCC notes that returning 32- and 64-byte vectors changes the ABI
             # (-Wpsabi). Harmless: those functions are internal to this one library.
             isa_flags.append("-Wno-psabi")
-        sanitize = os.environ.get("LUCID_SANITIZE", "0") != "0"
+        sanitize = _sanitizing()
         link = ["-pthread"] + (["-fsanitize=address,undefined"] if sanitize else [])
         if sys.platform.startswith("linux"):
             # Export the handlers (and the CPU query) only: no std:: template instantiation of one ISA
@@ -206,7 +211,7 @@ class BuildIsaPaths(build_ext):
             "format": 1,
             "machine": _machine(),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "sanitized": os.environ.get("LUCID_SANITIZE", "0") != "0",
+            "sanitized": _sanitizing(),
             "paths": [self._entries[e.isa] for e in self.extensions if e.isa in self._entries],
         }
         path = self._record_path()

@@ -61,8 +61,8 @@ inline void MapRowFromEnd(typename T::Storage* out, const typename T::Storage* a
   }
 }
 
-// The channels-last counterpart of MapRow, in the blocks of rows and channel
-// groups of SlabSums: out_ij = fn(a_ij, b_ij, k) over m rows (stride c) and
+// The channels-last counterpart of MapRow, in blocks of kBlock rows and the
+// channel groups of SlabSums (whatever blocks its sums used): out_ij = fn(a_ij, b_ij, k) over m rows (stride c) and
 // channels [0, width), where k points to the channel's (or Vec of channels')
 // four constants, one from each of coef[0..3]. With stream, vector stores
 // bypass the caches (rows and out aligned to them, see CanStreamSlab).

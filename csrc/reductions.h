@@ -282,13 +282,13 @@ inline D MergeBlock(const D& shift, const D& sd, const D& sd2, double inv_n, Mer
 }
 
 // The terms of the passes over a block: x itself (its sum gives the first
-// block's shift), then d = x - shift and d^2 (shift a float, or a Vec of
-// them).
+// block's shift; the second sum is unused, zero, so its additions fold away),
+// then d = x - shift and d^2 (shift a float, or a Vec of them).
 struct SumOfX {
   template <typename V>
   void operator()(V x, V, V& u, V& v) const {
     u = x;
-    v = x;
+    v = V{};
   }
 };
 
@@ -303,16 +303,24 @@ struct Deviations {
   }
 };
 
+// The moments of n contiguous elements as one block centred on `shift`,
+// merged into (mean, m2) with weights w (kAcc as in Partials).
+template <int kAcc, typename T>
+inline void MergeAround(const typename T::Storage* x, int64_t n, float shift, MergeWeights w, double* mean,
+                        double* m2) {
+  Vec sd, sd2;
+  Partials<kAcc, T>(x, x, n, Deviations<float>{shift}, &sd, &sd2);
+  MergeBlock<double>(shift, HorizontalSum(sd), HorizontalSum(sd2), 1.0 / static_cast<double>(n), w, mean, m2);
+}
+
 // The moments of n contiguous elements as one block centred on its own float
 // mean (a short row, or the end of a long one), merged into (mean, m2) with
 // weights w.
 template <typename T>
 inline void MergeRowBlock(const typename T::Storage* x, int64_t n, MergeWeights w, double* mean, double* m2) {
-  Vec s, sd, sd2;
-  Partials<4, T>(x, x, n, SumOfX{}, &s, &sd);
-  const float shift = HorizontalSum(s) / static_cast<float>(n);
-  Partials<4, T>(x, x, n, Deviations<float>{shift}, &sd, &sd2);
-  MergeBlock<double>(shift, HorizontalSum(sd), HorizontalSum(sd2), 1.0 / static_cast<double>(n), w, mean, m2);
+  Vec s, unused;
+  Partials<4, T>(x, x, n, SumOfX{}, &s, &unused);
+  MergeAround<4, T>(x, n, HorizontalSum(s) / static_cast<float>(n), w, mean, m2);
 }
 
 // Two VecD halves as one Vec of floats.
@@ -397,30 +405,24 @@ inline void GroupMoments(const typename T::Storage* x, int64_t m, int64_t rows, 
   for (int64_t j0 = 0; j0 < rows; j0 += kWidth) {
     const typename T::Storage* xg = x + j0 * m;
     const int64_t count = std::min<int64_t>(kWidth, rows - j0);
-    Vec u[kWidth], v[kWidth];
-    float shift[kWidth], f1[kWidth], f2[kWidth];
-    for (int64_t j = count; j < kWidth; ++j) u[j] = v[j] = Vec{};
+    float shift[kWidth];
+    double sd[kWidth], sd2[kWidth];
+    for (int64_t j = 0; j < count; ++j) shift[j] = T::Load(xg + j * m, 0);
+    const auto around_x0 = [&shift](int64_t j, auto xi, auto, auto& u, auto& v) {
+      Deviations<float>{shift[j]}(xi, xi, u, v);
+    };
+    GroupSums<T>(xg, xg, m, count, around_x0, sd, sd2);
     for (int64_t j = 0; j < count; ++j) {
-      shift[j] = T::Load(xg + j * m, 0);
-      Partials<2, T>(xg + j * m, xg + j * m, m, Deviations<float>{shift[j]}, &u[j], &v[j]);
-    }
-    const Vec t1 = TransposeSum(u), t2 = TransposeSum(v);
-    std::memcpy(f1, &t1, sizeof(f1));
-    std::memcpy(f2, &t2, sizeof(f2));
-    for (int64_t j = 0; j < count; ++j) {
-      const double sd = f1[j], sd2 = f2[j], off = sd * sd * inv_m;  // off = m (mean - x0)^2
+      const double off = sd[j] * sd[j] * inv_m;  // off = m (mean - x0)^2
       double* row_mean = &mean[j0 + j];
       double* row_m2 = &m2[j0 + j];
       *row_mean = *row_m2 = 0.0;
-      if (off <= kMaxShiftSpread * (sd2 - off)) {
-        MergeBlock<double>(shift[j], sd, sd2, inv_m, w, row_mean, row_m2);
-        continue;
+      if (off <= kMaxShiftSpread * (sd2[j] - off)) {
+        MergeBlock<double>(shift[j], sd[j], sd2[j], inv_m, w, row_mean, row_m2);
+      } else {
+        const float near = shift[j] + static_cast<float>(sd[j] * inv_m);
+        MergeAround<2, T>(xg + j * m, m, near, w, row_mean, row_m2);
       }
-      const typename T::Storage* row = xg + j * m;
-      const float near = shift[j] + static_cast<float>(sd * inv_m);
-      Vec s, s2;
-      Partials<2, T>(row, row, m, Deviations<float>{near}, &s, &s2);
-      MergeBlock<double>(near, HorizontalSum(s), HorizontalSum(s2), inv_m, w, row_mean, row_m2);
     }
   }
 }

@@ -112,19 +112,19 @@ inline void StoreVec(uint16_t* p, int64_t i, Vec v) {
 // Non-temporal stores (around the caches, no read of the destination first)
 // for outputs too large to stay in cache; p + i aligned to the stored size.
 // Where the target has none, plain stores (and kCanStream tells callers).
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 constexpr bool kCanStream = true;
+#if defined(__AVX512F__)
 inline void StreamVec(float* p, int64_t i, Vec v) { _mm512_stream_ps(p + i, reinterpret_cast<__m512>(v)); }
 inline void StreamVec(uint16_t* p, int64_t i, Vec v) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p + i), reinterpret_cast<__m256i>(ToBf16(v)));
 }
-inline void StreamFence() { _mm_sfence(); }
-#elif defined(__AVX2__)
-constexpr bool kCanStream = true;
+#else
 inline void StreamVec(float* p, int64_t i, Vec v) { _mm256_stream_ps(p + i, reinterpret_cast<__m256>(v)); }
 inline void StreamVec(uint16_t* p, int64_t i, Vec v) {
   _mm_stream_si128(reinterpret_cast<__m128i*>(p + i), reinterpret_cast<__m128i>(ToBf16(v)));
 }
+#endif
 inline void StreamFence() { _mm_sfence(); }
 #else
 constexpr bool kCanStream = false;

@@ -16,10 +16,6 @@
 
 namespace lucid {
 
-// Helper threads for ParallelFor: `schedule` runs a task on another thread
-// (in the FFI handlers, XLA's intra-op pool, so lucid starts no threads of its
-// own and shares the cores with the rest of the program), `helpers` says how
-// many may run at once.
 // The CPUs this process may run on, at least 1: its affinity mask where the
 // system has one (taskset, cpusets and container runtimes narrow it; the
 // machine's core count would over-split the work), else the hardware threads.
@@ -35,6 +31,10 @@ inline int64_t AvailableCpus() {
   return cpus;
 }
 
+// Helper threads for ParallelFor: `schedule` runs a task on another thread
+// (in the FFI handlers, XLA's intra-op pool, so lucid starts no threads of its
+// own and shares the cores with the rest of the program), `helpers` says how
+// many may run at once.
 struct Workers {
   int64_t helpers = 0;
   std::function<void(std::function<void()>)> schedule;
