@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import importlib.util
 import math
@@ -319,22 +320,6 @@ def run_case(case: Case, repeats: int, batch_seconds: float) -> CaseResult:
 # --------------------------------------------------------------------------
 
 
-def _reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 output and input gradient of instance norm on ``(N, C, *spatial)`` data.
-
-    ``dx = w r (g - mean(g) - xhat mean(g xhat))`` with ``r = 1/sqrt(var + eps)``.
-    """
-    x, g = x.astype(np.float64), g.astype(np.float64)
-    axes = tuple(range(2, x.ndim))
-    channel = (1, -1) + (1,) * (x.ndim - 2)
-    w, b = w.astype(np.float64).reshape(channel), b.astype(np.float64).reshape(channel)
-    mean = x.mean(axis=axes, keepdims=True)
-    r = 1 / np.sqrt(x.var(axis=axes, keepdims=True) + EPS)
-    xhat = (x - mean) * r
-    dx = w * r * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
-    return xhat * w + b, dx
-
-
 def _errors(x: np.ndarray, w: np.ndarray, b: np.ndarray, g: np.ndarray,
             programs: dict[str, Callable] | None = None) -> dict[str, tuple[float, float]]:
     """Max abs error of ``(y, dx)`` per contender on float32 ``(N, C, *spatial)`` data, against float64 NumPy.
@@ -344,7 +329,7 @@ def _errors(x: np.ndarray, w: np.ndarray, b: np.ndarray, g: np.ndarray,
     programs = {} if programs is None else programs
     case = Case(x.shape)
     inputs = Inputs(x, w, b, g)
-    y_ref, dx_ref = _reference(x, w, b, g)
+    y_ref, dx_ref = _adversarial_data().reference_output_and_gradient(x, w, b, g, EPS)
 
     def error(y: object, dx: object, to_nchw: bool = False) -> tuple[float, float]:
         y, dx = (np.asarray(a, np.float64) for a in (y, dx))
@@ -398,6 +383,7 @@ ADVERSARIAL_ROWS = (
 )
 
 
+@functools.cache
 def _adversarial_data():
     """``tests/adversarial_data.py``: the rows the accuracy tests check, loaded from its file."""
     spec = importlib.util.spec_from_file_location("adversarial_data", ROOT / "tests" / "adversarial_data.py")
@@ -413,7 +399,7 @@ def adversarial_accuracy() -> dict[str, dict[str, tuple[float, float]]]:
     out = {}
     for label, row, dims in ADVERSARIAL_ROWS:
         x, w, b, g = (a.astype(np.float32) for a in make_data(row, dims))
-        y_ref, dx_ref = _reference(x, w, b, g)
+        y_ref, dx_ref = _adversarial_data().reference_output_and_gradient(x, w, b, g, EPS)
         scale = np.abs(y_ref).max(), np.abs(dx_ref).max()
         errors = _errors(x, w, b, g, programs)
         out[label] = {who: (e[0] / scale[0], e[1] / scale[1]) for who, e in errors.items()}
@@ -624,13 +610,13 @@ def bar_chart(results: list[CaseResult], path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(section: str) -> bool:
-    """Replace the README's results section (between its markers); false if the markers are missing."""
+def update_readme(section: str, start_marker: str = README_START, end_marker: str = README_END) -> bool:
+    """Replace the README's section between two markers; false if the markers are missing."""
     text = README.read_text()
-    start, end = text.find(README_START), text.find(README_END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
         return False
-    README.write_text(text[: start + len(README_START)] + "\n" + section.strip() + "\n" + text[end:])
+    README.write_text(text[: start + len(start_marker)] + "\n" + section.strip() + "\n" + text[end:])
     return True
 
 

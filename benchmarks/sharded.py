@@ -37,7 +37,7 @@ import torch.nn.functional as TF
 from cases import Case, lucid_forward_backward, make_inputs
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from run import EPS, README, _rerun_under_the_requested_allocator, allocator_mode, machine_line, measure
+from run import EPS, _rerun_under_the_requested_allocator, allocator_mode, machine_line, measure, update_readme
 
 import lucid.nn.functional as F
 
@@ -119,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "sharded.md").write_text("# Instance norm over 8 host CPU devices\n\n" + report + "\n")
     print(report)
     if not (args.quick or args.no_readme):
-        text = README.read_text()
-        start, end = text.find(README_START), text.find(README_END)
-        if 0 <= start < end:
-            README.write_text(text[: start + len(README_START)] + "\n" + report + "\n" + text[end:])
+        update_readme(report, README_START, README_END)
     return 0
 
 

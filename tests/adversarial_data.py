@@ -1,9 +1,10 @@
 """Adversarial data for instance norm: outliers at the first, middle or last position, sparse
 post-ReLU maps, far offsets, clusters, a narrow spread under one far element.
 
-The rows the accuracy tests (``tests/test_adversarial.py``) and the benchmark's
-accuracy table (``benchmarks/run.py``) use. Values are float64; callers round
-them to the dtype under test.
+The rows the accuracy tests (``tests/test_adversarial.py``, ``tests/test_native.py``)
+and the benchmark's accuracy table (``benchmarks/run.py``) use, and the float64
+reference they are measured against (NumPy only). Values are float64; callers
+round them to the dtype under test.
 """
 
 from __future__ import annotations
@@ -68,3 +69,17 @@ def make_data(row: str, dims: str, seed: int = 0):
     c = shape[1]
     w, b = rng.normal(size=c) + 0.5, rng.normal(size=c)
     return x, w, b, rng.standard_normal(shape)
+
+
+def reference_output_and_gradient(x, w, b, g, eps: float = 1e-5):
+    """float64 output and input gradient (for the output cotangent ``g``) of instance norm on
+    ``(N, C, *spatial)`` data: ``dx = w r (g - mean(g) - xhat mean(g xhat))``, ``r = 1/sqrt(var + eps)``."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    axes = tuple(range(2, x.ndim))
+    channel = (1, -1) + (1,) * (x.ndim - 2)
+    w, b = np.asarray(w, np.float64).reshape(channel), np.asarray(b, np.float64).reshape(channel)
+    mean = x.mean(axis=axes, keepdims=True)
+    r = 1 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    xhat = (x - mean) * r
+    dx = w * r * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+    return xhat * w + b, dx

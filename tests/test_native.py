@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from adversarial_data import ROWS, reference_output_and_gradient
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from oracles import np_instance_norm, ref_instance_norm, torch_instance_norm
-from oracles import reference as np_reference
 
 import lucid.nn.functional as F
 from lucid.nn import _native
@@ -337,29 +337,14 @@ def test_backward_kernel_higher_orders_and_transposition(rng):
 _NCHW_SPATIAL = {"1d": (16384,), "2d": (128, 128), "3d": (8, 32, 32)}
 
 
+#: The kinds of adversarial data, by their rows in adversarial_data.ROWS.
+_ROW_OF = {"hot-first": "hot-300-first", "sparse": "sparse-relu-1000-first", "offset": "offset-1e4",
+           "clusters": "clusters-1e4", "narrow": "spread-1e-3-first-minus-50", "hot-500": "hot-500-first"}
+
+
 def _adversarial(kind, shape, rng):
     """float32 data on which statistics taken around a poorly chosen shift (or in one sweep) cancel."""
-    n, c = shape[:2]
-    flat = (n, c, -1)
-    if kind == "hot-first":  # N(0, 1), the first element of every instance 300
-        x = rng.standard_normal(shape)
-        x.reshape(flat)[:, :, 0] = 300
-    elif kind == "sparse":  # a post-ReLU map, 1% non-zero, the first element 1000
-        x = np.abs(rng.standard_normal(shape)) * (rng.random(shape) < 0.01)
-        x.reshape(flat)[:, :, 0] = 1000
-    elif kind == "offset":
-        x = rng.standard_normal(shape) + 1e4
-    elif kind == "clusters":
-        x = np.where(rng.random(shape) < 0.5, -1e4, 1e4) + rng.standard_normal(shape)
-    elif kind == "narrow":  # spread 1e-3 around 1, the first element -50
-        x = 1.0 + 1e-3 * rng.standard_normal(shape)
-        x.reshape(flat)[:, :, 0] = -50
-    elif kind == "hot-500":
-        x = rng.standard_normal(shape)
-        x.reshape(flat)[:, :, 0] = 500
-    else:
-        raise AssertionError(kind)
-    return x.astype(np.float32)
+    return ROWS[_ROW_OF[kind]](rng, shape).astype(np.float32)
 
 
 ADVERSARIAL = {  # kind: {dims: (N, C, *spatial)}
@@ -372,14 +357,9 @@ ADVERSARIAL = {  # kind: {dims: (N, C, *spatial)}
 
 def _float64_reference(x, w, b, g, eps=1e-5):
     """Output, input gradient (cotangent g of the output) and the batch-averaged unbiased variance, in float64."""
-    y, mean, var, count = np_reference(x.astype(np.float64), w, b, eps=eps)
-    spatial = tuple(range(2, x.ndim))
-    rstd = 1.0 / np.sqrt(var + eps)
-    xhat = (x.astype(np.float64) - mean) * rstd
-    gh = g.astype(np.float64) * w.reshape(1, -1, *(1,) * (x.ndim - 2))
-    gx = rstd / count * (count * gh - gh.sum(spatial, keepdims=True)
-                         - xhat * (gh * xhat).sum(spatial, keepdims=True))
-    unbiased = (var * count / (count - 1)).reshape(x.shape[:2]).mean(0)
+    y, gx = reference_output_and_gradient(x, w, b, g, eps)
+    m = np.prod(x.shape[2:])
+    unbiased = (x.astype(np.float64).var(axis=tuple(range(2, x.ndim))) * m / (m - 1)).mean(0)
     return y, gx, unbiased
 
 
