@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oracles import reference, reference_running_stats, torch_instance_norm
+from oracles import ref_instance_norm, reference, reference_running_stats, torch_instance_norm
 
 import lucid.nn as nn
 import lucid.nn.functional as F
@@ -68,9 +68,13 @@ def test_eps_zero_on_a_constant_instance_gives_the_bias_and_a_finite_gradient(rn
     assert all(np.isfinite(np.asarray(v)).all() for v in (dx, *dp.values()))
     np.testing.assert_array_equal(np.asarray(dx[0, 1]), 0.0)  # y = bias there, whatever x
     np.testing.assert_allclose(dp["bias"][1], g[:, 1].sum(), rtol=1e-5)
-    # The other instances are ordinary: eps = 0 changes nothing else.
+    # The other instances are ordinary: eps = 0 changes nothing else (jax.grad of the jnp reference there).
     np.testing.assert_allclose(y[1], reference(x, params["weight"], params["bias"], eps=0.0)[0][1],
                                rtol=1e-5, atol=2e-5)
+    want_dx = jax.grad(lambda x: jnp.sum(ref_instance_norm(x, params["weight"], params["bias"], eps=0.0)[0] * g))(x)
+    ordinary = np.ones(x.shape[:2], bool)
+    ordinary[0, 1] = False
+    np.testing.assert_allclose(np.asarray(dx)[ordinary], np.asarray(want_dx)[ordinary], rtol=1e-4, atol=1e-5)
 
 
 def test_eps_zero_with_zero_running_variance_in_eval_gives_the_bias(rng):
@@ -81,7 +85,9 @@ def test_eps_zero_with_zero_running_variance_in_eval_gives_the_bias(rng):
     for c in (0, 2):
         np.testing.assert_array_equal(np.asarray(y[:, c]), np.full((2, 4), params["bias"][c], np.float32))
     grad = jax.grad(lambda x: jnp.sum(F.instance_norm_apply(params, stats, x, training=False, eps=0.0)[0]))(x)
-    assert np.isfinite(np.asarray(grad)).all()
+    # dy/dx = r w: r = 0 in channels 0 and 2, 1 / sqrt(1) in channel 1.
+    want = np.broadcast_to((np.asarray(params["weight"]) * [0.0, 1.0, 0.0])[None, :, None], x.shape)
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCL", "NLC"])
@@ -107,9 +113,21 @@ def test_padded_items_with_no_or_one_valid_element(rng, channels_last):
         y, dx = np.moveaxis(np.asarray(y), -1, 1), np.moveaxis(np.asarray(dx), -1, 1)
     np.testing.assert_array_equal(np.asarray(y[1]), np.broadcast_to(params["bias"][:, None], (3, 10)))
     np.testing.assert_array_equal(np.asarray(dx[1]), 0.0)
-    assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(dx)).all()
-    for v in dp.values():
-        assert np.isfinite(np.asarray(v)).all()
+    # Every other item against jax.grad of the masked jnp reference (float64).
+    with jax.enable_x64(True):
+        def ref_loss(x, p):
+            y = ref_instance_norm(x, p["weight"], p["bias"], mask=jnp.asarray(mask))[0]
+            return jnp.sum(y * g), y
+
+        p64 = {k: jnp.asarray(v, jnp.float64) for k, v in params.items()}
+        (_, want_y), (want_dx, want_dp) = jax.value_and_grad(ref_loss, argnums=(0, 1), has_aux=True)(
+            jnp.asarray(x, jnp.float64), p64)
+    valid = [0, 2, 3]
+    np.testing.assert_allclose(np.where(mask, np.asarray(y), 0)[valid], np.where(mask, want_y, 0)[valid],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx)[valid], np.asarray(want_dx)[valid], rtol=1e-4, atol=1e-5)
+    for k in dp:
+        np.testing.assert_allclose(np.asarray(dp[k]), np.asarray(want_dp[k]), rtol=1e-4, atol=1e-5)
     # The one-element item: its valid element is its mean, so it normalizes to the bias there.
     np.testing.assert_allclose(np.asarray(y[2, :, 0]), params["bias"], rtol=1e-6, atol=1e-6)
     # Running statistics: means of items 0, 2, 3; variances of items 0 and 3 only.
