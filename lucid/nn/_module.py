@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._arrays import as_array, is_traced
-from .._tensor import StateScope, Tensor, _value, no_grad, stored_array
+from .._tensor import StateScope, Tensor, _is_tensor, _value, no_grad, stored_array
 from ._checks import check_keys
 
 __all__ = ["Module", "Parameter"]
@@ -130,10 +130,6 @@ def _holds_tensor(values: Iterable[Any]) -> bool:
                 isinstance(leaf, Tensor) for leaf in jax.tree.leaves(value, is_leaf=_is_tensor)):
             return True
     return False
-
-
-def _is_tensor(value: Any) -> bool:
-    return isinstance(value, Tensor)
 
 
 def _arrays(tree: Any) -> Any:
@@ -834,13 +830,13 @@ class Module:
                 "module.train()/module.eval(). Pass training=True or training=False."
             )
 
-        def given(value: Any, what: str) -> jax.Array:
+        def array_of(value: Any, what: str) -> jax.Array:
             return _value(value) if isinstance(value, Tensor) else jnp.asarray(as_array(value, what))
 
         modules = list(self.modules())
         scope = StateScope(
-            [(t, given(params[name], f"params[{name!r}]")) for name, t in named_params.items()]
-            + [(t, given(stats[name], f"stats[{name!r}]")) for name, t in named_buffers.items()],
+            [(t, array_of(params[name], f"params[{name!r}]")) for name, t in named_params.items()]
+            + [(t, array_of(stats[name], f"stats[{name!r}]")) for name, t in named_buffers.items()],
             modules=modules,
             modes={} if training is None else {id(m): bool(training) for m in modules},
         )
