@@ -184,3 +184,58 @@ def test_gradients_stay_accurate_far_from_zero(rng, training):
         expected = [np.asarray(e) for e in expected]
     for a, e in zip(got, expected):
         np.testing.assert_allclose(a, e, atol=1e-4 * np.abs(e).max(), rtol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("shape, channel_axis, form", [
+    ((2, 3, 8, 64, 80), 1, "split"),   # a long channels-first row, cut into segments
+    ((2, 8, 64, 80, 3), -1, "tile"),   # channels-last, positions folded into the last axis
+    ((2, 3, 40, 40), 1, "merged"),     # spatial axes merged into one row
+    ((1, 3, 8, 64, 80), 1, "split"),   # a batch of one: no axis of size 1 in the view
+    ((2, 1, 40, 40), 1, "merged"),     # one channel
+    ((1, 64, 80, 1), -1, "merged"),    # one item, one channel, channels-last
+    ((1, 64, 80, 3), -1, "tile"),
+])
+def test_compact_views_keep_values_and_derivatives(rng, masked, shape, channel_axis, form):
+    """The XLA path's sums run over a compact view of x (lucid/nn/_stats.py): each form, with and without
+    a mask, gives the reference's output, pullback, and gradient of a gradient (the tangent map's own
+    derivative), in float64 so that the sums' order cannot hide behind float32 rounding."""
+    from lucid.nn import _stats
+    axis = channel_axis % len(shape)
+    spatial = tuple(a for a in range(2, len(shape))) if axis == 1 else tuple(range(1, len(shape) - 1))
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=shape) * 3 + 50, jnp.float64).at[(0,) * len(shape)].set(400.0)
+        config = _stats.NormConfig(spatial, None, 1e-5)
+        view = _stats._compact_view(x, config)
+        assert view is not None
+        assert {"split": view.split > 1, "tile": view.tile > 1, "merged": view.split == view.tile == 1}[form]
+        view_shape = _stats._to_view(x, x.shape, config, view).shape
+        assert 1 not in view_shape and view_shape[view.reduce_axes[0]] > 1
+        c = shape[axis]
+        w, b = (jnp.asarray(rng.normal(size=c), jnp.float64) for _ in range(2))
+        g = jnp.asarray(rng.normal(size=shape), jnp.float64)
+        mask = None
+        if masked:
+            mshape = tuple(1 if a == axis else n for a, n in enumerate(shape))
+            mask = jnp.asarray(rng.uniform(size=mshape) < 0.6).at[(0,) * len(shape)].set(True)
+
+        def ours(x, w, b):
+            with F.pure_xla():
+                return F.instance_norm_apply({"weight": w, "bias": b}, {}, x, mask=mask, channel_axis=channel_axis)[0]
+
+        def ref(x, w, b):
+            return ref_instance_norm(x, w, b, mask=mask, channel_axis=channel_axis)[0]
+
+        def grad_norm(f):
+            def loss(x, w, b):
+                return jnp.sum(jnp.sin(f(x, w, b)) * g)
+
+            return lambda x, w, b: jnp.sum(jax.grad(loss)(x, w, b) ** 2)
+
+        for f, r in ((ours, ref), (grad_norm(ours), grad_norm(ref))):
+            out, pullback = jax.vjp(jax.jit(f), x, w, b)
+            ref_out, ref_pullback = jax.vjp(r, x, w, b)
+            ct = g if out.ndim else jnp.ones_like(out)
+            np.testing.assert_allclose(out, ref_out, rtol=1e-9, atol=1e-9 * float(jnp.abs(ref_out).max()))
+            for a, e in zip(pullback(ct), ref_pullback(ct)):
+                np.testing.assert_allclose(a, e, rtol=0, atol=1e-8 * float(jnp.abs(e).max()))

@@ -54,7 +54,10 @@ class NormConfig(NamedTuple):
             :func:`lucid.nn._native.applies`; on other platforms the
             kernel's primitives lower to these formulas).
         tile: in the compact view of :func:`_compact_view` only: how many
-            consecutive positions its last axis folds together.
+            consecutive positions its last axis folds together, with the
+            channels that follow them (channels-last).
+        split: in the compact view only: the length of the segments its last
+            axis cuts a long channels-first row into.
     """
 
     reduce_axes: tuple[int, ...]
@@ -62,6 +65,7 @@ class NormConfig(NamedTuple):
     eps: float
     kernel: bool = False
     tile: int = 1
+    split: int = 1
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -89,8 +93,12 @@ def spatial_sum(v: jax.Array, config: NormConfig) -> jax.Array:
     """Sum over the spatial axes of every instance, across devices if they are split (fenced: :func:`_fence`).
 
     In a tiled view (:func:`_compact_view`) the sum over the spatial axis
-    leaves ``tile`` partial sums per instance along the last axis; they are added last.
+    leaves ``tile`` partial sums per instance along the last axis; they are
+    added last. In a split view every segment is summed first (fenced), then
+    the segments' sums.
     """
+    if config.split > 1:
+        v = _fence(jnp.sum(v, axis=-1, keepdims=True))
     s = jnp.sum(v, axis=config.reduce_axes, keepdims=True)
     if config.tile > 1:
         s = jnp.sum(s.reshape(*s.shape[:-1], config.tile, s.shape[-1] // config.tile), axis=-2)
@@ -102,6 +110,10 @@ def spatial_sum(v: jax.Array, config: NormConfig) -> jax.Array:
 
 #: The compact view's target width of its last axis, in elements (see :func:`_compact_view`).
 _VIEW_WIDTH = 512
+#: Channels-first rows longer than this are cut into segments of at most
+#: :data:`_SEGMENT` (and at least :data:`_SEGMENT` / 4) elements (see :func:`_compact_view`).
+_LONG_ROW = 32768
+_SEGMENT = 16384
 
 
 def _mesh_is_local() -> bool:
@@ -118,7 +130,14 @@ def _compact_view(x: jax.Array, config: NormConfig) -> NormConfig | None:
     rows of 8); and where channels follow them (channels-last), whose few
     values per position make short rows, it folds ``tile`` consecutive
     positions into the last axis, ``(N, M, C) -> (N, M / tile, tile * C)``,
-    a row of about :data:`_VIEW_WIDTH` elements. Both are free reshapes of a
+    a row of about :data:`_VIEW_WIDTH` elements. A channels-first row longer
+    than :data:`_LONG_ROW` (a 3D volume) is cut into segments,
+    ``(N, C, M) -> (N, C, M / split, split)``: XLA's CPU reduction library sums
+    many rows of ~16k elements and then their sums about a quarter faster
+    than a few very long rows. And the view has no axis of size 1 but the
+    summed one (a batch of one, a single channel): with one, the library's
+    sum of a product of two arrays (the backward pass's ``sum(g * d)``, a
+    masked sum) runs 50 to 100 times slower. All are free reshapes of a
     contiguous array. Per-instance values meet the view through
     :func:`_spread`, and :func:`spatial_sum` adds the partial sums.
 
@@ -128,17 +147,26 @@ def _compact_view(x: jax.Array, config: NormConfig) -> NormConfig | None:
     """
     axes = config.reduce_axes
     spec = jax.typeof(x).sharding.spec
-    if config.tile > 1 or axes != tuple(range(axes[0], axes[-1] + 1)) or not _mesh_is_local():
+    if config.tile > 1 or config.split > 1 or axes != tuple(range(axes[0], axes[-1] + 1)) or not _mesh_is_local():
         return None
     if any(a < len(spec) and spec[a] is not None for a in axes):
         return None
     size, trail = math.prod(x.shape[a] for a in axes), x.shape[axes[-1] + 1:]
-    tile = 1
+    tile = split = 1
     if len(trail) == 1 and trail[0] > 1:
         tile = max(t for t in range(1, max(1, _VIEW_WIDTH // trail[0]) + 1) if size % t == 0)
-    if len(axes) == 1 and tile == 1:
+    elif _is_one(math.prod(trail)) and isinstance(size, int) and size > _LONG_ROW:
+        split = max(t for t in range(1, _SEGMENT + 1) if size % t == 0)
+        split = split if split >= _SEGMENT // 4 else 1
+    lead = sum(not _is_one(n) for n in x.shape[:axes[0]])
+    if len(axes) == 1 and tile == split == 1 and lead == axes[0] and not any(map(_is_one, trail)):
         return None
-    return config._replace(reduce_axes=(axes[0],), tile=tile)
+    return config._replace(reduce_axes=(lead,), tile=tile, split=split)
+
+
+def _is_one(n) -> bool:
+    """``n`` (an axis size, perhaps symbolic under ``jax.export``) is the constant 1."""
+    return isinstance(n, int) and n == 1
 
 
 def _to_view(v, shape: tuple[int, ...], config: NormConfig, view: NormConfig):
@@ -146,20 +174,25 @@ def _to_view(v, shape: tuple[int, ...], config: NormConfig, view: NormConfig):
 
     Arrays with spatial extent take the view's shape; per-instance and
     per-channel arrays keep their last axis untiled (see :func:`_spread`).
+    The axes where ``shape`` is 1 are dropped (``v`` is 1 there too).
     """
     if v is None or jnp.ndim(v) == 0:
         return v
     axes = config.reduce_axes
-    lead, trail = axes[0], axes[-1] + 1
+    first, after = axes[0], axes[-1] + 1
     v = jnp.reshape(v, (1,) * (len(shape) - v.ndim) + v.shape)
+    lead = tuple(n for n, m in zip(v.shape[:first], shape[:first]) if not _is_one(m))
+    trail = tuple(n for n, m in zip(v.shape[after:], shape[after:]) if not _is_one(m))
     if all(v.shape[a] == 1 for a in axes):
-        return v.reshape((*v.shape[:lead], 1, *v.shape[trail:]))
-    full = tuple(shape[a] if a in axes or (view.tile > 1 and a >= trail) else n for a, n in enumerate(v.shape))
+        return v.reshape((*lead, 1, *trail, *(1,) * (view.split > 1)))
+    full = tuple(shape[a] if a in axes or (view.tile > 1 and a >= after) else n for a, n in enumerate(v.shape))
     v = jnp.broadcast_to(v, full)
     size = math.prod(v.shape[a] for a in axes)
     if view.tile > 1:
-        return v.reshape((*v.shape[:lead], size // view.tile, view.tile * math.prod(v.shape[trail:])))
-    return v.reshape((*v.shape[:lead], size, *v.shape[trail:]))
+        return v.reshape((*lead, size // view.tile, view.tile * math.prod(v.shape[after:])))
+    if view.split > 1:
+        return v.reshape((*lead, size // view.split, view.split))
+    return v.reshape((*lead, size, *trail))
 
 
 def _spread(v, config: NormConfig):
@@ -167,6 +200,20 @@ def _spread(v, config: NormConfig):
     if v is None or config.tile == 1 or jnp.ndim(v) == 0 or v.shape[-1] == 1:
         return v
     return jnp.tile(v, (1,) * (v.ndim - 1) + (config.tile,))
+
+
+def _summed_by_transpose(v: jax.Array, config: NormConfig, shape: tuple[int, ...]) -> jax.Array:
+    """A per-instance coefficient of the tangent map, ready to meet ``x`` (of ``shape``) in the view ``config``.
+
+    Its transpose (in the backward pass) is a sum of an x-sized product, made
+    the way :func:`spatial_sum` makes one: fenced, and in a split view summed
+    over every segment first (the coefficient is spread over the segments,
+    fenced, then over their elements).
+    """
+    v = _fence(v)
+    if config.split > 1:
+        v = _fence(jnp.broadcast_to(v, (*v.shape[:-2], shape[-2], 1)))
+    return _spread(v, config)
 
 
 def _copies(v: jax.Array, n: int) -> tuple[jax.Array, ...]:
@@ -184,7 +231,7 @@ def _copies(v: jax.Array, n: int) -> tuple[jax.Array, ...]:
 
 
 def local_spatial_size(shape: tuple[int, ...], config: NormConfig) -> int:
-    return math.prod(shape[a] for a in config.reduce_axes) * config.tile
+    return math.prod(shape[a] for a in config.reduce_axes) * config.tile * config.split
 
 
 def valid_count(x: jax.Array, mask: jax.Array | None, config: NormConfig, dtype) -> jax.Array:
@@ -354,9 +401,10 @@ def instance_tangent(config, x, center, residual, rstd, count, weight, mask, dx,
     if dbias is not None:
         c = c + dbias
     rb = rstd * b
-    # Fenced before they meet x: the backward pass's sum(g * d) and sum(g) are their transposes.
-    dy = dxc * _spread(a, config) + centered(x_out, _spread(center_out, config), None) * _spread(_fence(rb), config)
-    dy = (dy + _spread(_fence(c - residual * rb), config)).astype(x.dtype)
+    # The backward pass's sum(g * d) and sum(g) are the transposes of these two.
+    d_out = centered(x_out, _spread(center_out, config), None)
+    dy = dxc * _spread(a, config) + d_out * _summed_by_transpose(rb, config, x.shape)
+    dy = (dy + _summed_by_transpose(c - residual * rb, config, x.shape)).astype(x.dtype)
     return dy, dm, 2 * spread_dx
 
 
