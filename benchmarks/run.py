@@ -19,6 +19,8 @@ minimum over the rounds, the least disturbed by other work on the machine.
   ``x``, ``weight`` and ``bias``. On CPU this runs lucid's native kernels.
 - lucid XLA: the same programs traced inside ``F.pure_xla()``: XLA operations
   only, what GPU/TPU users and ``jax.export`` get (same layout as lucid).
+- lucid XLA channels-last: lucid XLA on the channels-last array Flax gets
+  (``channel_axis=-1``): both of the XLA path's layouts meet Flax on every shape.
 - PyTorch: ``torch.nn.functional.instance_norm`` on all cores, the forward under
   ``no_grad``; forward+backward is the forward then ``y.backward(g)`` (gradients
   reset every call). Channels-last input is a ``torch.channels_last`` tensor.
@@ -60,7 +62,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -124,8 +126,11 @@ README_START = "<!-- benchmark-results:start -->"
 README_END = "<!-- benchmark-results:end -->"
 
 CONTENDERS = ("lucid", "lucid XLA", "PyTorch", "Flax")
+#: The contenders timed: lucid's XLA path also in the layout Flax runs (on NHWC cases the same as lucid XLA).
+XLA_CHANNELS_LAST = "lucid XLA channels-last"
+TIMED = (*CONTENDERS, XLA_CHANNELS_LAST)
 #: The JAX contenders, whose compiled forward+backward temporaries are reported.
-JAX_CONTENDERS = ("lucid", "lucid XLA", "Flax")
+JAX_CONTENDERS = ("lucid", "lucid XLA", XLA_CHANNELS_LAST, "Flax")
 MODES = ("forward", "forward+backward")
 EPS = 1e-5
 
@@ -307,6 +312,8 @@ def run_case(case: Case, repeats: int, batch_seconds: float) -> CaseResult:
         "PyTorch": torch_contender(case, inputs),
         "Flax": flax_contender(case, inputs),
     }
+    contenders[XLA_CHANNELS_LAST] = (contenders["lucid XLA"] if case.channels_last else
+                                     lucid_contender(replace(case, channels_last=True), inputs, pure_xla=True))
     benches = {("copy", "forward"): copy_contender(case, inputs)}
     for name, contender in contenders.items():
         benches[(name, "forward")] = contender.forward
@@ -439,20 +446,20 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 #: The ratio columns, ``(who, over)``: ``who``'s time over ``over``'s.
-RATIOS = (("PyTorch", "lucid"), ("Flax", "lucid"), ("Flax", "lucid XLA"))
+RATIOS = (("PyTorch", "lucid"), ("Flax", "lucid"), ("Flax", "lucid XLA"), ("Flax", XLA_CHANNELS_LAST))
 
 
 def timing_table(results: list[CaseResult], mode: str) -> str:
     header = ["case", "copy ms"]
-    for who in CONTENDERS:
+    for who in TIMED:
         header += [f"{who} ms", f"{who} ×copy"]
-    header += ["PyTorch ÷ lucid", "Flax ÷ lucid", "Flax ÷ lucid XLA"]
+    header += [f"{who} ÷ {lucid}" for who, lucid in RATIOS]
     if mode == "forward+backward":
         header += [f"{who} temp ×input" for who in JAX_CONTENDERS]
     rows = []
     for r in results:
         row = [r.case.label, _num(r.ms("copy", mode))]
-        for who in CONTENDERS:
+        for who in TIMED:
             row += [_num(r.ms(who, mode)), _num(r.x_copy(who, mode))]
         row += [_num(r.ms(who, mode) / r.ms(lucid, mode)) for who, lucid in RATIOS]
         if mode == "forward+backward":
@@ -504,9 +511,10 @@ def target_lines(results: list[CaseResult], errors: dict[str, tuple[float, float
         if r.temp_x_input["lucid"] is not None and r.temp_x_input["lucid"] > TARGET_TEMP_X_INPUT
     ]
     lines.append(f"lucid forward+backward temporaries ≤ {TARGET_TEMP_X_INPUT:g}× input: {verdict(heavy)}")
-    slower_xla = [r.case.label for r in results
-                  if r.ms("lucid XLA", "forward+backward") >= r.ms("Flax", "forward+backward")]
-    lines.append(f"lucid XLA forward+backward faster than Flax: {verdict(slower_xla)}")
+    slower_xla = [f"{r.case.label} ({who})" for r in results for who in ("lucid XLA", XLA_CHANNELS_LAST)
+                  if r.ms(who, "forward+backward") >= r.ms("Flax", "forward+backward")]
+    lines.append(f"lucid XLA forward+backward faster than Flax, in the case's layout and channels-last: "
+                 f"{verdict(slower_xla)}")
     for who in ("lucid", "lucid XLA"):
         y_err, dx_err = errors[who]
         inaccurate = [f"{what} ({e:.1e})" for what, e in (("y", y_err), ("dx", dx_err)) if e > TARGET_ERROR]
@@ -538,7 +546,8 @@ def markdown(results: list[CaseResult], errors: dict[str, tuple[float, float]], 
         f"Milliseconds per call, the minimum of {repeats} interleaved rounds; ×copy is the time over a jitted "
         "`x * c` of the same array (one read, one write); ÷ lucid above 1 means lucid is faster. "
         "lucid runs its native CPU kernels; lucid XLA is lucid traced inside `pure_xla()` (XLA operations only, "
-        "what GPU/TPU and `jax.export` run), in the same layout. "
+        "what GPU/TPU and `jax.export` run), in the same layout; lucid XLA channels-last is the same "
+        "on the channels-last array Flax gets. "
         "bf16: bfloat16 input, float32 weight and bias. NHWC: channels-last input "
         "(lucid `channel_axis=-1`; PyTorch a `torch.channels_last` tensor, its output comes back channels-first; "
         "Flax is channels-last in every case, so on NHWC cases lucid XLA and Flax run on the same data). "
@@ -586,13 +595,14 @@ def bar_chart(results: list[CaseResult], path: Path) -> None:
 
     labels = [r.case.label for r in results]
     positions = np.arange(len(results))
-    width = 0.8 / len(CONTENDERS)
-    colors = {"lucid": "#1b9e77", "lucid XLA": "#66a61e", "PyTorch": "#d95f02", "Flax": "#7570b3"}
+    width = 0.8 / len(TIMED)
+    colors = {"lucid": "#1b9e77", "lucid XLA": "#66a61e", XLA_CHANNELS_LAST: "#a6d854", "PyTorch": "#d95f02",
+              "Flax": "#7570b3"}
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.5 * len(results)), 8), sharex=True)
     for ax, mode in zip(axes, MODES):
-        for i, who in enumerate(CONTENDERS):
+        for i, who in enumerate(TIMED):
             values = [r.x_copy(who, mode) for r in results]
-            offset = (i - (len(CONTENDERS) - 1) / 2) * width
+            offset = (i - (len(TIMED) - 1) / 2) * width
             bars = ax.bar(positions + offset, values, width, label=who, color=colors[who])
             ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7, padding=1)
         ax.axhline(1.0, color="black", linewidth=1, label="copy")

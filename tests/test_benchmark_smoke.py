@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("lucid", "lucid XLA", "PyTorch", "Flax")
-JAX_CONTENDERS = ("lucid", "lucid XLA", "Flax")
+TIMED = (*CONTENDERS, "lucid XLA channels-last")
+JAX_CONTENDERS = ("lucid", "lucid XLA", "lucid XLA channels-last", "Flax")
 
 
 def _tables(markdown: str) -> dict[str, list[dict[str, str]]]:
@@ -51,8 +52,9 @@ def test_quick_run_writes_the_report_and_the_chart(quick_run):
 def test_timing_tables_have_every_column_with_finite_positive_numbers(quick_run, mode):
     tables = _tables((quick_run / "latest.md").read_text())
     rows = next(rows for heading, rows in tables.items() if heading.split(" (")[0] == mode)
-    expected = {"case", "copy ms", "PyTorch ÷ lucid", "Flax ÷ lucid", "Flax ÷ lucid XLA"}
-    expected |= {f"{who} {unit}" for who in CONTENDERS for unit in ("ms", "×copy")}
+    expected = {"case", "copy ms", "PyTorch ÷ lucid", "Flax ÷ lucid", "Flax ÷ lucid XLA",
+                "Flax ÷ lucid XLA channels-last"}
+    expected |= {f"{who} {unit}" for who in TIMED for unit in ("ms", "×copy")}
     if mode == "Forward + backward":
         expected |= {f"{who} temp ×input" for who in JAX_CONTENDERS}
     assert set(rows[0]) == expected
@@ -80,7 +82,8 @@ def test_accuracy_table_reports_every_contender(quick_run):
 def test_targets_include_the_xla_path_against_flax(quick_run):
     text = (quick_run / "latest.md").read_text()
     targets = text.split("Targets", 1)[1].splitlines()
-    line = next(s for s in targets if s.startswith("- lucid XLA forward+backward faster than Flax: "))
+    line = next(s for s in targets if s.startswith(
+        "- lucid XLA forward+backward faster than Flax, in the case's layout and channels-last: "))
     verdict = line.split(": ", 1)[1]
     assert verdict == "met" or verdict.startswith("missed: ")
     assert any(s.startswith("- lucid XLA error ≤ 0.0001 at mean 1e4: met") for s in targets)
