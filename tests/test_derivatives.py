@@ -186,23 +186,29 @@ def test_gradients_stay_accurate_far_from_zero(rng, training):
         np.testing.assert_allclose(a, e, atol=1e-4 * np.abs(e).max(), rtol=0)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("shape, channel_axis, form", [
+_VIEW_FORMS = [
     ((2, 3, 8, 64, 80), 1, "split"),   # a long channels-first row, cut into segments
     ((2, 8, 64, 80, 3), -1, "tile"),   # channels-last, positions folded into the last axis
     ((2, 3, 40, 40), 1, "merged"),     # spatial axes merged into one row
-    ((1, 3, 8, 64, 80), 1, "split"),   # a batch of one: no axis of size 1 in the view
+]
+_UNIT_AXES = [                         # no axis of size 1 in the view
+    ((1, 3, 8, 64, 80), 1, "split"),   # a batch of one
     ((2, 1, 40, 40), 1, "merged"),     # one channel
     ((1, 64, 80, 1), -1, "merged"),    # one item, one channel, channels-last
     ((1, 64, 80, 3), -1, "tile"),
-])
-def test_compact_views_keep_values_and_derivatives(rng, masked, shape, channel_axis, form):
+]
+
+
+@pytest.mark.parametrize("shape, channel_axis, form, masked",
+                         [(*f, m) for f in _VIEW_FORMS for m in (False, True)]
+                         + [(*f, i == 0) for i, f in enumerate(_UNIT_AXES)])
+def test_compact_views_keep_values_and_derivatives(rng, shape, channel_axis, form, masked):
     """The XLA path's sums run over a compact view of x (lucid/nn/_stats.py): each form, with and without
     a mask, gives the reference's output, pullback, and gradient of a gradient (the tangent map's own
     derivative), in float64 so that the sums' order cannot hide behind float32 rounding."""
     from lucid.nn import _stats
     axis = channel_axis % len(shape)
-    spatial = tuple(a for a in range(2, len(shape))) if axis == 1 else tuple(range(1, len(shape) - 1))
+    spatial = tuple(range(2, len(shape))) if axis == 1 else tuple(range(1, len(shape) - 1))
     with jax.enable_x64(True):
         x = jnp.asarray(rng.normal(size=shape) * 3 + 50, jnp.float64).at[(0,) * len(shape)].set(400.0)
         config = _stats.NormConfig(spatial, None, 1e-5)
@@ -234,7 +240,7 @@ def test_compact_views_keep_values_and_derivatives(rng, masked, shape, channel_a
 
         for f, r in ((ours, ref), (grad_norm(ours), grad_norm(ref))):
             out, pullback = jax.vjp(jax.jit(f), x, w, b)
-            ref_out, ref_pullback = jax.vjp(r, x, w, b)
+            ref_out, ref_pullback = jax.vjp(jax.jit(r), x, w, b)
             ct = g if out.ndim else jnp.ones_like(out)
             np.testing.assert_allclose(out, ref_out, rtol=1e-9, atol=1e-9 * float(jnp.abs(ref_out).max()))
             for a, e in zip(pullback(ct), ref_pullback(ct)):
