@@ -21,6 +21,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -118,30 +119,44 @@ class IsaExtension(Extension):
 
 class BuildIsaPaths(build_ext):
     """Builds every instruction-set path it can, each in its own temporary directory (the objects of
-    two paths share source names), and records the outcome and the compiler's output."""
+    two paths share source names), and records the outcome and the compiler's output.
+
+    The paths build side by side, one thread each (up to the CPU count; ``--parallel`` sets another
+    number): a thread sees its own temporary directory (``build_temp``) and keeps its own commands and
+    messages (``_thread``), so a path's record holds its own compiler output only.
+    """
+
+    _thread = threading.local()
+
+    @property
+    def build_temp(self):
+        return getattr(self._thread, "build_temp", None) or self._build_temp
+
+    @build_temp.setter
+    def build_temp(self, value):
+        self._build_temp = value
 
     def finalize_options(self):
         super().finalize_options()
-        self.parallel = None  # build_extension switches self.build_temp per path
+        if self.parallel is None:
+            self.parallel = True  # os.cpu_count() threads
 
     def build_extensions(self):
         self._entries = {}
-        self._commands: list[str] = []
-        self._messages: list[str] = []
         # The compiler runs its commands through `call` (setuptools >= 80; errors as
         # CalledProcessError) or `spawn` (before; ExecError): both kept for the record.
         method = "call" if hasattr(self.compiler, "call") else "spawn"
         original = getattr(self.compiler, method)
 
         def capturing(cmd, **kwargs):
-            self._commands.append(shlex.join(str(c) for c in cmd))
+            self._thread.commands.append(shlex.join(str(c) for c in cmd))
             try:
                 done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             except OSError as e:
-                self._messages.append(f"{e}\n")
+                self._thread.messages.append(f"{e}\n")
                 raise (e if method == "call" else ExecError(f"command {cmd[0]!r} failed: {e}")) from None
             if done.stdout:
-                self._messages.append(done.stdout)
+                self._thread.messages.append(done.stdout)
                 sys.stderr.write(done.stdout)  # still shown, as distutils would
             if done.returncode != 0:
                 if method == "call":
@@ -170,8 +185,8 @@ class BuildIsaPaths(build_ext):
             return super().build_extension(ext)
         target = pathlib.Path(self.get_ext_fullpath(ext.name))
         entry = {"isa": ext.isa, "features": list(ext.features), "file": target.name, "built": False}
-        temp, self.build_temp = self.build_temp, os.path.join(self.build_temp, ext.isa)
-        self._commands, self._messages = [], []
+        self._thread.build_temp = os.path.join(self._build_temp, ext.isa)
+        self._thread.commands, self._thread.messages = [], []
         try:
             if _ffi_include_dir() is None:
                 entry["skipped"] = "jaxlib, whose XLA FFI headers the kernel compiles against, is not installed"
@@ -179,9 +194,9 @@ class BuildIsaPaths(build_ext):
             if not self._compiler_targets(ext):
                 entry["skipped"] = "the compiler cannot target this instruction set"
                 return
-            self._commands, self._messages = [], []
+            self._thread.commands, self._thread.messages = [], []
             super().build_extension(ext)
-            if not self._commands and target.exists():  # up to date: keep what its build recorded
+            if not self._thread.commands and target.exists():  # up to date: keep what its build recorded
                 entry = self._previous_entry(ext.isa) or dict(entry, built=True)
                 return
             entry["built"] = target.exists()
@@ -189,10 +204,10 @@ class BuildIsaPaths(build_ext):
             entry["error"] = str(e)
             raise  # distutils reports it (an optional extension: a warning, the install goes on)
         finally:
-            self.build_temp = temp
+            self._thread.build_temp = None
             # The compiler's errors and warnings (what native_kernel_status() shows), and its commands.
-            entry.setdefault("messages", "".join(self._messages))
-            entry.setdefault("commands", self._commands)
+            entry.setdefault("messages", "".join(self._thread.messages))
+            entry.setdefault("commands", self._thread.commands)
             self._entries[ext.isa] = entry
 
     def _compiler_targets(self, ext: IsaExtension) -> bool:
