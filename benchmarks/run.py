@@ -316,9 +316,13 @@ def run_case(case: Case, repeats: int, batch_seconds: float) -> CaseResult:
                                      lucid_contender(replace(case, channels_last=True), inputs, pure_xla=True))
     benches = {("copy", "forward"): copy_contender(case, inputs)}
     for name, contender in contenders.items():
+        if name == XLA_CHANNELS_LAST and case.channels_last:
+            continue  # lucid XLA's own programs: timed once, reported in both columns
         benches[(name, "forward")] = contender.forward
         benches[(name, "forward+backward")] = contender.forward_backward
     seconds = measure(benches, repeats, batch_seconds)
+    if case.channels_last:
+        seconds.update({(XLA_CHANNELS_LAST, mode): seconds[("lucid XLA", mode)] for mode in MODES})
     return CaseResult(case, seconds, {name: c.temp_x_input for name, c in contenders.items()})
 
 

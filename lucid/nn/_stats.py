@@ -156,8 +156,7 @@ def _compact_view(x: jax.Array, config: NormConfig) -> NormConfig | None:
     if len(trail) == 1 and trail[0] > 1:
         tile = max(t for t in range(1, max(1, _VIEW_WIDTH // trail[0]) + 1) if size % t == 0)
     elif _is_one(math.prod(trail)) and isinstance(size, int) and size > _LONG_ROW:
-        split = max(t for t in range(1, _SEGMENT + 1) if size % t == 0)
-        split = split if split >= _SEGMENT // 4 else 1
+        split = next((t for t in range(_SEGMENT, _SEGMENT // 4 - 1, -1) if size % t == 0), 1)
     lead = sum(not _is_one(n) for n in x.shape[:axes[0]])
     if len(axes) == 1 and tile == split == 1 and lead == axes[0] and not any(map(_is_one, trail)):
         return None
